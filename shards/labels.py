@@ -1,0 +1,92 @@
+"""Label vocabularies and raw-label parsing shared by the synthetic generator, readers and streams.
+
+Shards keep labels exactly as the source has them (1, 0, -1 or None for blank), so one pack
+serves every uncertainty policy; ``shards.targets`` turns them into training targets.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+CHEXPERT_LABELS: tuple[str, ...] = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+"""The 14 CheXpert observations, in the column order of train.csv / valid.csv."""
+
+COMPETITION5: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Pleural Effusion",
+)
+"""The five labels of the CheXpert competition (Irvin et al. 2019)."""
+
+PNEUMONIA_LABELS: tuple[str, ...] = ("Pneumonia",)
+"""Kaggle chest_xray (Kermany 2018) is binary: NORMAL vs PNEUMONIA."""
+
+CHEXPERT_META_COLUMNS: tuple[str, ...] = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
+"""Columns before the labels in CheXpert CSVs."""
+
+CHEXPERT_COLUMNS: tuple[str, ...] = CHEXPERT_META_COLUMNS + CHEXPERT_LABELS
+
+LABEL_SETS: dict[str, tuple[str, ...]] = {
+    "chexpert14": CHEXPERT_LABELS,
+    "competition5": COMPETITION5,
+    "pneumonia": PNEUMONIA_LABELS,
+}
+
+RawLabel = Literal[1, 0, -1] | None
+"""1 positive, 0 negative, -1 uncertain, None blank (not mentioned in the report)."""
+
+_RAW_VALUES: dict[str, RawLabel] = {
+    "": None,
+    "1": 1,
+    "1.0": 1,
+    "0": 0,
+    "0.0": 0,
+    "-1": -1,
+    "-1.0": -1,
+}
+
+
+class LabelValueError(ValueError):
+    """A label cell holds something other than 1, 0, -1 or blank."""
+
+
+def parse_raw_label(cell: str) -> RawLabel:
+    """Parse one CheXpert label cell ('1.0', '0.0', '-1.0', '' and integer spellings)."""
+    try:
+        return _RAW_VALUES[cell.strip()]
+    except KeyError:
+        raise LabelValueError(f"unknown label value {cell!r} (expected 1.0, 0.0, -1.0 or blank)") from None
+
+
+def format_raw_label(value: RawLabel) -> str:
+    """Write a raw label the way CheXpert's CSVs do ('1.0', '0.0', '-1.0', '')."""
+    return "" if value is None else f"{float(value):.1f}"
+
+
+def resolve_label_set(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """A preset name (chexpert14, competition5, pneumonia) or an explicit list of label names."""
+    if isinstance(spec, str):
+        if spec not in LABEL_SETS:
+            raise ValueError(f"unknown label set {spec!r} (expected one of {sorted(LABEL_SETS)} or a list)")
+        return LABEL_SETS[spec]
+    names = tuple(spec)
+    if not names:
+        raise ValueError("label set is empty")
+    return names

@@ -1,0 +1,397 @@
+"""WebDataset streams for training and evaluation, exact across ranks and DataLoader workers.
+
+Training (`TrainStream`): each (rank, worker) reads shards resampled with its own seeded RNG,
+through a shuffle buffer, and yields whole batches. An epoch is a fixed number of batches per
+rank (equal on every rank, so DDP never waits on a rank that ran dry). Batch `i` of an epoch is
+produced by logical worker `i % W` as its `i // W`-th batch, and every random choice is a pure
+function of (seed, epoch, rank, logical worker, position), so the stream position
+(epoch, next batch) is the whole checkpoint: a resumed stream yields the same batches.
+
+Evaluation (`EvalStream`): the split's samples, in manifest order, are cut into contiguous
+spans, one per (rank, worker); a consumer reads only the shards that overlap its span. Every
+sample is seen exactly once, with no padding duplicates, and each batch carries its keys.
+
+Workers yield uint8 images; `Stream.batches(device)` moves them and normalises on the device.
+With `decode_device="cuda"` workers ship JPEG bytes and the decode + warp run on the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards.augment import IDENTITY, AugmentConfig, WarpParams, normalize, sample_params, warp
+from shards.decode import DecodeError, decode_gray
+from shards.errors import DataError
+from shards.labels import resolve_label_set
+from shards.manifest import Manifest, ShardInfo, load_manifest
+from shards.split import patient_unit
+from shards.targets import LabelEncoder, LabelPolicy
+
+log = logging.getLogger("shards.stream")
+IMAGENET_GRAY = ((0.449,), (0.226,))
+"""ImageNet mean/std averaged over RGB: the input statistics of an in_chans=1 timm model."""
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Everything a stream needs besides rank and world size."""
+
+    shards: Path
+    split: str = "train"
+    batch_size: int = 32
+    image_size: int = 224
+    labels: str | tuple[str, ...] | None = None
+    """A preset (chexpert14, competition5, pneumonia), a list of names, or None: the manifest's."""
+    policy: LabelPolicy = field(default_factory=LabelPolicy)
+    views: Literal["all", "frontal", "lateral"] = "all"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mean: tuple[float, ...] = IMAGENET_GRAY[0]
+    std: tuple[float, ...] = IMAGENET_GRAY[1]
+    """len(mean) is the model's input channels: 1, or 3 to repeat the gray channel."""
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    decode_device: Literal["cpu", "cuda"] = "cpu"
+    balance: str | None = None
+    """Train only: rejection-sample so this label is ~50% positive."""
+    patient_fraction: float = 1.0
+    """Train only: keep this fraction of patients (deterministic), for data-efficiency curves."""
+    samples_per_epoch: int | None = None
+    """Train only: defaults to the split's sample count (after the view and patient filters)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.image_size < 1 or self.workers < 0:
+            raise ValueError("batch_size and image_size must be ≥ 1, workers ≥ 0")
+        if self.views not in ("all", "frontal", "lateral"):
+            raise ValueError(f"views {self.views!r}: expected all, frontal or lateral")
+        if not 0.0 < self.patient_fraction <= 1.0:
+            raise ValueError(f"patient_fraction {self.patient_fraction}: expected 0 < f ≤ 1")
+        if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
+            raise ValueError("mean and std must both have 1 or 3 entries")
+
+
+class _Shared:
+    """Values the main process sets and persistent workers read at each epoch's start."""
+
+    def __init__(self) -> None:
+        self.epoch = mp.Value("q", 0, lock=False)
+        self.start_batch = mp.Value("q", 0, lock=False)
+        self.skipped = mp.Value("q", 0)
+
+    def count_skip(self, reason: str, key: str) -> None:
+        with self.skipped.get_lock():
+            self.skipped.value += 1
+        log.warning("skipped sample %s: %s", key, reason)
+
+
+class _Samples:
+    """Per-sample work shared by both streams: metadata, filters, decode, targets, warp."""
+
+    def __init__(self, config: StreamConfig, manifest: Manifest, shared: _Shared) -> None:
+        self.config, self.shared = config, shared
+        self.fmt = manifest.image_format
+        names = resolve_label_set(config.labels) if config.labels else manifest.label_names
+        self.encoder = LabelEncoder(names, config.policy)
+        self.on_device = config.decode_device == "cuda" and self.fmt == "jpg"
+
+    def read(self, shard: Path) -> Iterator[dict]:
+        """Raw samples of one tar; a truncated or unreadable tar ends with a counted warning."""
+        url = str(shard)
+
+        def handler(err: Exception) -> bool:
+            self.shared.count_skip(f"unreadable tar data ({err!r:.200})", url)
+            return True
+
+        yield from wds.tarfile_samples([{"url": url}], handler=handler)
+
+    def metadata(self, raw: dict) -> dict | None:
+        """Parsed JSON if the sample is complete and passes the view filter; None skips it."""
+        try:
+            meta = json.loads(raw["json"])
+            _ = raw[self.fmt]
+        except (KeyError, ValueError, TypeError) as err:
+            reason = f"incomplete sample ({type(err).__name__}: {err})"
+            self.shared.count_skip(reason, raw.get("__key__", "?"))
+            return None
+        if self.config.views != "all" and meta.get("view") != self.config.views:
+            return None
+        return meta
+
+    def load(self, raw: dict, meta: dict, params: WarpParams) -> dict | None:
+        """Decode + warp on the CPU (or pass bytes for the device); None if undecodable."""
+        target, mask = self.encoder(meta.get("labels", {}))
+        item = {"key": meta.get("key", raw["__key__"]), "target": target, "mask": mask, "params": params}
+        if self.on_device:
+            item["jpeg"] = torch.frombuffer(bytearray(raw["jpg"]), dtype=torch.uint8)
+            return item
+        try:
+            pixels = decode_gray(raw[self.fmt], self.fmt, self.config.image_size)
+        except DecodeError as err:
+            self.shared.count_skip(str(err), item["key"])
+            return None
+        image = warp([torch.from_numpy(pixels)[None]], [params], self.config.image_size)
+        item["image"] = image.round_().to(torch.uint8)[0]
+        return item
+
+    def collate(self, items: list[dict]) -> dict:
+        batch = {
+            "key": [item["key"] for item in items],
+            "target": torch.from_numpy(np.stack([item["target"] for item in items])),
+            "mask": torch.from_numpy(np.stack([item["mask"] for item in items])),
+        }
+        if self.on_device:
+            batch["jpeg"] = [item["jpeg"] for item in items]
+            batch["params"] = [item["params"] for item in items]
+        else:
+            batch["image"] = torch.stack([item["image"] for item in items])
+        return batch
+
+
+def _worker_slot() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class TrainBatches(IterableDataset):
+    """Yields `batches_per_epoch` full batches per epoch on this rank, resampled and shuffled."""
+
+    def __init__(self, samples: _Samples, shards: list[ShardInfo], rank: int, batches_per_epoch: int,
+                 accept: dict[float, float] | None, balance_index: int | None) -> None:
+        self.samples, self.shards, self.rank = samples, shards, rank
+        self.batches_per_epoch = batches_per_epoch
+        self.accept, self.balance_index = accept, balance_index
+
+    def __iter__(self) -> Iterator[dict]:
+        config, shared = self.samples.config, self.samples.shared
+        slot, workers = _worker_slot()
+        epoch, start = shared.epoch.value, shared.start_batch.value
+        # After a mid-epoch resume the loader still asks worker slot 0 first; rotating which
+        # logical stream each slot plays makes slot 0 produce batch `start`.
+        logical = (slot + start) % workers
+        already = max(0, -(-(start - logical) // workers))
+        indices = range(logical + already * workers, self.batches_per_epoch, workers)
+        if not indices:
+            return
+        stream = self._shuffled(np.random.default_rng([config.seed, epoch, self.rank, logical, 1]))
+        position = 0
+        for _ in range(already * config.batch_size):  # skip without decoding: cheap
+            next(stream)
+            position += 1
+        for _ in indices:
+            items = []
+            for _ in range(config.batch_size):
+                raw, meta = next(stream)
+                rng = np.random.default_rng([config.seed, epoch, self.rank, logical, 2, position])
+                items.append(self.samples.load(raw, meta, sample_params(config.augment, rng)))
+                position += 1
+            yield self.samples.collate(self._fill_holes(items))
+
+    @staticmethod
+    def _fill_holes(items: list[dict | None]) -> list[dict]:
+        """Replace undecodable samples by repeating good ones: shapes and positions stay fixed."""
+        good = [item for item in items if item is not None]
+        if not good:
+            raise DataError("every sample of a training batch failed to decode: are the shards corrupt?")
+        return [item if item is not None else good[i % len(good)] for i, item in enumerate(items)]
+
+    def _shuffled(self, rng: np.random.Generator) -> Iterator[tuple[dict, dict]]:
+        """Endless (raw, meta) pairs: shards drawn with replacement, through a shuffle buffer."""
+        buffer: list[tuple[dict, dict]] = []
+        size = max(1, self.samples.config.shuffle_buffer)
+        for pair in self._filtered(rng):
+            if len(buffer) < size:
+                buffer.append(pair)
+                continue
+            index = int(rng.integers(size))
+            out, buffer[index] = buffer[index], pair
+            yield out
+
+    def _filtered(self, rng: np.random.Generator) -> Iterator[tuple[dict, dict]]:
+        config = self.samples.config
+        empty_rounds = 0
+        while True:
+            shard = self.shards[int(rng.integers(len(self.shards)))]
+            produced = False
+            for raw in self.samples.read(shard.path):
+                meta = self.samples.metadata(raw)
+                if meta is None or not self._keep(meta, rng):
+                    continue
+                produced = True
+                yield raw, meta
+            empty_rounds = 0 if produced else empty_rounds + 1
+            if empty_rounds > 10 * len(self.shards):
+                raise DataError(f"no usable training samples in {config.shards} for split "
+                                f"{config.split!r} (views={config.views})")
+
+    def _keep(self, meta: dict, rng: np.random.Generator) -> bool:
+        config = self.samples.config
+        if config.patient_fraction < 1.0 and \
+                patient_unit(str(meta.get("patient")), "cxrbench-fraction") >= config.patient_fraction:
+            return False
+        if self.accept is not None:
+            target, mask = self.samples.encoder(meta.get("labels", {}))
+            if mask[self.balance_index]:
+                return bool(rng.random() < self.accept[float(target[self.balance_index])])
+        return True
+
+
+class EvalBatches(IterableDataset):
+    """Every sample of the split exactly once across ranks × workers, in contiguous spans."""
+
+    def __init__(self, samples: _Samples, shards: list[ShardInfo], rank: int, world_size: int) -> None:
+        self.samples, self.shards, self.rank, self.world_size = samples, shards, rank, world_size
+
+    def span(self, consumer: int, consumers: int) -> tuple[int, int]:
+        total = sum(shard.samples for shard in self.shards)
+        return consumer * total // consumers, (consumer + 1) * total // consumers
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, workers = _worker_slot()
+        begin, end = self.span(self.rank * workers + slot, self.world_size * workers)
+        batch: list[dict] = []
+        for raw in self._range(begin, end):
+            meta = self.samples.metadata(raw)
+            if meta is None:
+                continue
+            item = self.samples.load(raw, meta, IDENTITY)
+            if item is None:
+                continue
+            batch.append(item)
+            if len(batch) == self.samples.config.batch_size:
+                yield self.samples.collate(batch)
+                batch = []
+        if batch:
+            yield self.samples.collate(batch)
+
+    def _range(self, begin: int, end: int) -> Iterator[dict]:
+        """Raw samples with global index in [begin, end), reading only the shards that hold them."""
+        offset = 0
+        for shard in self.shards:
+            first, offset = offset, offset + shard.samples
+            if offset <= begin or first >= end:
+                continue
+            for index, raw in enumerate(self.samples.read(shard.path), start=first):
+                if index >= end:
+                    break
+                if index >= begin:
+                    yield raw
+
+
+class Stream:
+    """A DataLoader over one split plus what the trainer needs: position, device stage, counts."""
+
+    def __init__(self, dataset: IterableDataset, samples: _Samples, config: StreamConfig,
+                 batches_per_epoch: int | None, pos_weight: np.ndarray) -> None:
+        self.dataset, self.samples, self.config = dataset, samples, config
+        self.batches_per_epoch = batches_per_epoch
+        self.pos_weight = torch.from_numpy(pos_weight)
+        self.label_names = samples.encoder.names
+        self._shared = samples.shared
+        self.epoch, self.next_batch = 0, 0
+        self.loader = DataLoader(
+            dataset, batch_size=None, num_workers=config.workers,
+            persistent_workers=config.workers > 0, worker_init_fn=_init_worker,
+            pin_memory=config.decode_device == "cuda", prefetch_factor=4 if config.workers else None,
+        )
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far (corrupt, incomplete or unreadable), across all workers."""
+        return int(self._shared.skipped.value)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first batch (unless a loaded state says otherwise for it)."""
+        if epoch != self.epoch:
+            self.epoch, self.next_batch = epoch, 0
+
+    def state_dict(self) -> dict:
+        """The stream's checkpoint: the position of the next batch and what it depends on."""
+        return {"epoch": self.epoch, "next_batch": self.next_batch, "seed": self.config.seed,
+                "batch_size": self.config.batch_size, "workers": self.config.workers,
+                "batches_per_epoch": self.batches_per_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+        layout = {k: v for k, v in self.state_dict().items() if k not in ("epoch", "next_batch")}
+        same = all(state.get(k) == v for k, v in layout.items())
+        if not same:
+            log.warning("stream layout changed since the checkpoint (%s); the resumed epoch will not "
+                        "repeat the original batches exactly", state)
+
+    def batches(self, device: torch.device | str = "cpu") -> Iterator[dict]:
+        """One epoch (train: from the saved position) of batches ready for the model on `device`."""
+        self._shared.epoch.value = self.epoch
+        self._shared.start_batch.value = self.next_batch
+        for batch in self.loader:
+            if self.batches_per_epoch is not None:
+                self.next_batch += 1  # before yielding: a checkpoint taken after this step resumes after it
+            yield self.to_device(batch, torch.device(device))
+        if self.batches_per_epoch is not None:
+            self.epoch, self.next_batch = self.epoch + 1, 0
+
+    def to_device(self, batch: dict, device: torch.device) -> dict:
+        """Move a worker batch to `device`; decode and warp there when the workers sent JPEG bytes."""
+        non_blocking = device.type == "cuda"
+        if "jpeg" in batch:
+            import torchvision.io as tvio  # noqa: PLC0415 - only the device path needs it
+
+            images = tvio.decode_jpeg(batch.pop("jpeg"), mode=tvio.ImageReadMode.GRAY, device=device)
+            batch["image"] = warp(images, batch.pop("params"), self.config.image_size)
+        else:
+            batch["image"] = batch["image"].to(device, non_blocking=non_blocking)
+        batch["image"] = normalize(batch["image"], self.config.mean, self.config.std)
+        batch["target"] = batch["target"].to(device, non_blocking=non_blocking)
+        batch["mask"] = batch["mask"].to(device, non_blocking=non_blocking)
+        return batch
+
+
+def _init_worker(_: int) -> None:
+    torch.set_num_threads(1)  # one decode pipeline per core; intra-op threads only oversubscribe
+
+
+def _balance(config: StreamConfig, encoder: LabelEncoder, prevalence: dict) -> tuple[dict, int] | None:
+    if config.balance is None:
+        return None
+    if config.balance not in encoder.names:
+        raise DataError(f"balance label {config.balance!r} is not among the stream's labels")
+    index = encoder.names.index(config.balance)
+    weight = float(encoder.pos_weight(prevalence)[index])  # neg/pos after the policy
+    return {1.0: min(1.0, weight), 0.0: min(1.0, 1.0 / weight) if weight > 0 else 1.0}, index
+
+
+def train_stream(config: StreamConfig, rank: int = 0, world_size: int = 1) -> Stream:
+    """The training stream of one rank: a fixed number of full batches per epoch."""
+    manifest = load_manifest(config.shards)
+    samples = _Samples(config, manifest, _Shared())
+    per_epoch = config.samples_per_epoch
+    if per_epoch is None:
+        per_epoch = round(manifest.samples(config.split, config.views) * config.patient_fraction)
+    batches = per_epoch // (config.batch_size * world_size)
+    if batches < 1:
+        raise DataError(f"{config.shards}: split {config.split!r} has {per_epoch} samples per epoch, fewer "
+                        f"than one batch of {config.batch_size} on each of {world_size} rank(s)")
+    prevalence = manifest.prevalence(config.split)
+    balance = _balance(config, samples.encoder, prevalence)
+    accept, index = balance if balance else (None, None)
+    dataset = TrainBatches(samples, manifest.shards(config.split), rank, batches, accept, index)
+    return Stream(dataset, samples, config, batches, samples.encoder.pos_weight(prevalence))
+
+
+def eval_stream(config: StreamConfig, rank: int = 0, world_size: int = 1) -> Stream:
+    """The evaluation stream of one rank: its exact share of the split, unaugmented."""
+    manifest = load_manifest(config.shards)
+    samples = _Samples(config, manifest, _Shared())
+    dataset = EvalBatches(samples, manifest.shards(config.split), rank, world_size)
+    pos_weight = samples.encoder.pos_weight(manifest.prevalence(config.split))
+    return Stream(dataset, samples, config, None, pos_weight)

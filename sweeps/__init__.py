@@ -1,0 +1,1 @@
+"""Ray Tune + Optuna sweeps over cxrbench trainer configs (see the sweeps issue)."""

@@ -1,0 +1,1 @@
+"""Accelerate trainer for timm models on cxrbench shards (see the trainer issue)."""
