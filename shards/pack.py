@@ -41,7 +41,9 @@ from shards.sources import LAYOUTS, Record, Reject, SourceData, read_source
 from shards.split import DEFAULT_SALT, SPLITS, patient_unit, split_records
 
 log = logging.getLogger("shards.pack")
-TAR_HEADER = 512
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK
+"""tarfile pads an archive to whole 10 KiB records after two zero blocks: part of a shard's size."""
 CHUNK = 16
 
 
@@ -153,8 +155,18 @@ def encode_record(record: Record, split: str, options: PackOptions, mask_root: P
     except ImageError as err:
         return Reject(record.relpath, str(err), err.kind, record.key)
     sample["json"] = json.dumps(meta, sort_keys=True).encode()
-    size = sum(len(v) + TAR_HEADER for k, v in sample.items() if k != "__key__")
+    size = sum(_tar_member_size(len(v)) for k, v in sample.items() if k != "__key__")
     return Encoded(record.key, sample, size)
+
+
+def _tar_member_size(data_bytes: int) -> int:
+    """Header block plus data rounded up to whole blocks."""
+    return TAR_BLOCK + -(-data_bytes // TAR_BLOCK) * TAR_BLOCK
+
+
+def tar_file_size(member_bytes: int) -> int:
+    """The size of a finished tar whose members take `member_bytes`."""
+    return -(-(member_bytes + 2 * TAR_BLOCK) // TAR_RECORD) * TAR_RECORD
 
 
 def _encode_chunk(chunk: list[Record], split: str, options: PackOptions, mask_root: Path) -> list:
@@ -191,6 +203,8 @@ class SplitWriter:
         self.options, self.split, self.journal = options, split, journal
         self.index = first_index
         self.writer: AtomicShardWriter | None = None
+        self.member_bytes = 0
+        """Exact tar bytes of the open shard's members (the tar stream itself writes in 10 KiB records)."""
         self.consumed = 0
         self.rejects: list[dict] = []
         self.entries: list[dict] = []
@@ -202,13 +216,15 @@ class SplitWriter:
             return
         if self.writer is not None and (
             self.writer.samples >= self.options.shard_samples
-            or self.writer.bytes + result.size > self.options.shard_bytes
+            or tar_file_size(self.member_bytes + result.size) > self.options.shard_bytes
         ):
             self._commit()
         if self.writer is None:
             self.writer = AtomicShardWriter(self.options.out, shard_name(self.split, self.index))
             self.index += 1
+            self.member_bytes = 0
         self.writer.write(result.sample)
+        self.member_bytes += result.size
         self.consumed += 1
 
     def close(self) -> None:
@@ -240,20 +256,10 @@ def _valid_entries(out: Path, entries: list[dict]) -> list[dict]:
     return valid
 
 
-def _finished_pack(out: Path, print_: Callable[[str], None], wanted: dict) -> dict | None:
-    """The existing manifest if it was written by an identical pack and every shard verifies."""
-    path = out / MANIFEST
-    if not path.is_file():
-        return None
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("fingerprint") != wanted:
-        return None
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            if not (out / shard["name"]).is_file() or sha256_file(out / shard["name"]) != shard["sha256"]:
-                print_(f"{shard['name']}: missing or changed; re-packing")
-                return None
-    return manifest
+def _damaged_shards(out: Path, manifest: dict) -> list[str]:
+    """Shards of a finished pack that are missing or fail their checksum."""
+    return [shard["name"] for split in manifest["splits"].values() for shard in split["shards"]
+            if not (out / shard["name"]).is_file() or sha256_file(out / shard["name"]) != shard["sha256"]]
 
 
 def _clear_outputs(out: Path) -> None:
@@ -272,12 +278,17 @@ def pack(options: PackOptions, print_: Callable[[str], None] = print) -> dict:
         stale.unlink()
     if options.overwrite:
         _clear_outputs(options.out)
-    elif (done := _finished_pack(options.out, print_, wanted)) is not None:
-        print_(f"{options.out}: already packed with these options; nothing to do")
-        return done
     elif (options.out / MANIFEST).exists():
-        raise DataError(f"{options.out / MANIFEST}: written by a pack with other options or input; "
-                        "use a new --out or pass --overwrite")
+        done = json.loads((options.out / MANIFEST).read_text(encoding="utf-8"))
+        if done.get("fingerprint") != wanted:
+            raise DataError(f"{options.out / MANIFEST}: written by a pack with other options or input; "
+                            "use a new --out or pass --overwrite")
+        damaged = _damaged_shards(options.out, done)
+        if not damaged:
+            print_(f"{options.out}: already packed with these options; nothing to do")
+            return done
+        print_(f"{', '.join(damaged)}: missing or changed since packing; re-packing")
+        _clear_outputs(options.out)
 
     journal = Journal(options.out)
     entries = journal.read(wanted)

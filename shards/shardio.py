@@ -58,7 +58,7 @@ class AtomicShardWriter:
         self._handle = self.temp.open("wb")
         self._hashing = _HashingFile(self._handle)
         # Fixed mtime and owner make the tar bytes (and so the sha256) reproducible.
-        self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=0.0, user="cxr", group="cxr")
+        self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=0, user="cxr", group="cxr")
         self.samples = 0
 
     def write(self, sample: dict[str, object]) -> None:
@@ -80,7 +80,10 @@ class AtomicShardWriter:
                 "sha256": self._hashing.digest.hexdigest()}
 
     def abort(self) -> None:
+        """Drop the unfinished tar. The tar is closed first: left open, its finaliser would later
+        write the end-of-archive blocks into the closed handle."""
         if not self._handle.closed:
+            self._tar.close()
             self._handle.close()
         self.temp.unlink(missing_ok=True)
 
