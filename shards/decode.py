@@ -1,8 +1,10 @@
 """Decode a shard's image bytes to uint8 grayscale, as fast as the format allows.
 
-JPEG goes through simplejpeg (libjpeg-turbo) with DCT-domain downscaling: asking for at least
-the output size lets libjpeg skip most of the inverse DCT work for a 320 px image headed for
-224 px. PNG uses Pillow; npy is raw uint8 (np.load with allow_pickle=False: never unpickle
+JPEG goes through simplejpeg (libjpeg-turbo), downscaled in the DCT domain only by 1/2, 1/4 or
+1/8: those scales have SIMD paths, while libjpeg's other n/8 scales are slower than a full
+decode (bench/loader.py measured 6/8 at 0.79× the full-size rate), so a 320 px image headed for
+224 px is decoded whole and a full-resolution one is cut by a power of two first. PNG uses
+Pillow; npy is raw uint8 (np.load with allow_pickle=False: never unpickle
 shard data).
 """
 
@@ -23,7 +25,12 @@ def decode_gray(data: bytes, fmt: str, min_side: int = 0) -> np.ndarray:
     """Bytes → H×W uint8; for JPEG, scaled down by libjpeg while staying ≥ min_side per axis."""
     try:
         if fmt == "jpg":
-            pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=min_side, min_width=min_side)
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            scale = 1
+            while scale < 8 and min(height, width) // (scale * 2) >= min_side:
+                scale *= 2
+            pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=-(-height // scale),
+                                            min_width=-(-width // scale))
             return pixels[:, :, 0]
         if fmt == "png":
             with Image.open(io.BytesIO(data)) as image:

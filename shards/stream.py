@@ -1,13 +1,15 @@
 """WebDataset streams for training and evaluation, exact across ranks and DataLoader workers.
 
-Training (`TrainStream`): each (rank, worker) reads shards resampled with its own seeded RNG,
+Shards are read by `shards.tarread` (webdataset's sample format, a faster reader).
+
+Training (`TrainBatches`): each (rank, worker) reads shards resampled with its own seeded RNG,
 through a shuffle buffer, and yields whole batches. An epoch is a fixed number of batches per
 rank (equal on every rank, so DDP never waits on a rank that ran dry). Batch `i` of an epoch is
 produced by logical worker `i % W` as its `i // W`-th batch, and every random choice is a pure
 function of (seed, epoch, rank, logical worker, position), so the stream position
 (epoch, next batch) is the whole checkpoint: a resumed stream yields the same batches.
 
-Evaluation (`EvalStream`): the split's samples, in manifest order, are cut into contiguous
+Evaluation (`EvalBatches`): the split's samples, in manifest order, are cut into contiguous
 spans, one per (rank, worker); a consumer reads only the shards that overlap its span. Every
 sample is seen exactly once, with no padding duplicates, and each batch carries its keys.
 
@@ -27,16 +29,25 @@ from typing import Literal
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.augment import IDENTITY, AugmentConfig, WarpParams, normalize, sample_params, warp
+from shards.augment import (
+    IDENTITY,
+    AugmentConfig,
+    WarpParams,
+    normalize,
+    photometric,
+    sample_params,
+    warp,
+    warp_cpu,
+)
 from shards.decode import DecodeError, decode_gray
 from shards.errors import DataError
 from shards.labels import resolve_label_set
 from shards.manifest import Manifest, ShardInfo, load_manifest
 from shards.split import patient_unit
 from shards.targets import LabelEncoder, LabelPolicy
+from shards.tarread import TarFormatError, iter_samples
 
 log = logging.getLogger("shards.stream")
 IMAGENET_GRAY = ((0.449,), (0.226,))
@@ -106,14 +117,11 @@ class _Samples:
         self.on_device = config.decode_device == "cuda" and self.fmt == "jpg"
 
     def read(self, shard: Path) -> Iterator[dict]:
-        """Raw samples of one tar; a truncated or unreadable tar ends with a counted warning."""
-        url = str(shard)
-
-        def handler(err: Exception) -> bool:
-            self.shared.count_skip(f"unreadable tar data ({err!r:.200})", url)
-            return True
-
-        yield from wds.tarfile_samples([{"url": url}], handler=handler)
+        """Raw samples of one tar (image + JSON only); a damaged tar ends with a counted warning."""
+        try:
+            yield from iter_samples(shard, wanted=(self.fmt, "json"))
+        except (TarFormatError, OSError, UnicodeDecodeError) as err:
+            self.shared.count_skip(f"unreadable tar data ({err})", str(shard))
 
     def metadata(self, raw: dict) -> dict | None:
         """Parsed JSON if the sample is complete and passes the view filter; None skips it."""
@@ -140,8 +148,7 @@ class _Samples:
         except DecodeError as err:
             self.shared.count_skip(str(err), item["key"])
             return None
-        image = warp([torch.from_numpy(pixels)[None]], [params], self.config.image_size)
-        item["image"] = image.round_().to(torch.uint8)[0]
+        item["image"] = warp_cpu(pixels, params, self.config.image_size)
         return item
 
     def collate(self, items: list[dict]) -> dict:
@@ -150,9 +157,9 @@ class _Samples:
             "target": torch.from_numpy(np.stack([item["target"] for item in items])),
             "mask": torch.from_numpy(np.stack([item["mask"] for item in items])),
         }
+        batch["params"] = [item["params"] for item in items]
         if self.on_device:
             batch["jpeg"] = [item["jpeg"] for item in items]
-            batch["params"] = [item["params"] for item in items]
         else:
             batch["image"] = torch.stack([item["image"] for item in items])
         return batch
@@ -348,8 +355,9 @@ class Stream:
 
             images = tvio.decode_jpeg(batch.pop("jpeg"), mode=tvio.ImageReadMode.GRAY, device=device)
             batch["image"] = warp(images, batch.pop("params"), self.config.image_size)
-        else:
-            batch["image"] = batch["image"].to(device, non_blocking=non_blocking)
+        else:  # warped in the worker; brightness/contrast run here, batched, where the model runs
+            image = batch["image"].to(device, non_blocking=non_blocking)
+            batch["image"] = photometric(image.float(), batch.pop("params"))
         batch["image"] = normalize(batch["image"], self.config.mean, self.config.std)
         batch["target"] = batch["target"].to(device, non_blocking=non_blocking)
         batch["mask"] = batch["mask"].to(device, non_blocking=non_blocking)
