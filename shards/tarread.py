@@ -26,13 +26,19 @@ class TarFormatError(ValueError):
     """The bytes are not a readable tar (damaged, truncated or compressed)."""
 
 
-def _octal(field: bytes) -> int:
+def _number(field: bytes, path: Path, offset: int) -> int:
+    """A numeric header field: octal text, or GNU base-256 when the top bit is set."""
+    if field[:1] and field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise TarFormatError(f"{path}: not a tar header at byte {offset}") from None
 
 
 def _check(header: bytes, offset: int, path: Path) -> None:
-    stored = _octal(header[148:156])
+    stored = _number(header[148:156], path, offset)
     actual = sum(header[:148]) + 8 * 32 + sum(header[156:])
     if stored != actual:
         raise TarFormatError(f"{path}: bad tar header checksum at byte {offset}")
@@ -62,7 +68,7 @@ def iter_members(path: Path, want: Callable[[str], bool] = lambda _: True,
             if header.count(0) == BLOCK:
                 return  # end-of-archive marker
             _check(header, offset, path)
-            length = _octal(header[124:136])
+            length = _number(header[124:136], path, offset)
             start, offset = offset + BLOCK, offset + BLOCK + -(-length // BLOCK) * BLOCK
             if start + length > size:
                 raise TarFormatError(f"{path}: truncated (a member runs past the end of the file)")
