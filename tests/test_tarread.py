@@ -76,7 +76,7 @@ def test_corrupt_header_and_compressed_tar(chexpert_shards: Path, tmp_path: Path
     gz = tmp_path / "x.tar.gz"
     with tarfile.open(gz, "w:gz") as tar:
         tar.add(shard, arcname="a.jpg")
-    with pytest.raises(TarFormatError, match="not a tar header"):
+    with pytest.raises(TarFormatError, match=r"checksum|not a tar header"):  # gzip bytes vary
         ours(gz)
     empty = tmp_path / "empty.tar"
     empty.write_bytes(b"")
