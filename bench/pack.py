@@ -44,14 +44,16 @@ def child(mode: str, root: Path) -> None:
         pack(PackOptions(layout="chexpert", root=root, out=out, size=320, workers=1), print_=lambda _: None)
         images = json.loads((out / "manifest.json").read_text())["splits"]["train"]["samples"]
     else:
-        stream = train_stream(StreamConfig(shards=out, batch_size=32, image_size=224, workers=0))
+        stream = train_stream(StreamConfig(shards=out, batch_size=8, image_size=224, workers=0))
         images = sum(len(batch["key"]) for batch in stream.batches())
     print(json.dumps({"images": images, "peak_rss_mib": peak_rss_mib()}))
 
 
 def measure(mode: str, root: Path) -> dict:
     result = subprocess.run([sys.executable, __file__, "--child", mode, str(root)], capture_output=True,
-                            text=True, check=True)
+                            text=True, check=False)
+    if result.returncode:
+        raise SystemExit(f"bench: the {mode} job failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -1,0 +1,45 @@
+"""The README's main job and the benchmarks run end to end (small sizes; no timing is asserted)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"CXR_BENCH_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_demo_runs_and_is_a_no_op_the_second_time(tmp_path: Path) -> None:
+    args = ["-m", "shards.demo", "--out", str(tmp_path / "demo"), "--patients", "24", "--size", "96",
+            "--batches", "2", "--workers", "1"]
+    first = run(args, tmp_path).stdout
+    assert "leakage: 0 patients in two splits" in first
+    assert re.search(r"train batch: image \(16, 1, 224, 224\) torch.float32, target \(16, 5\)", first)
+    assert re.search(r"streamed 32 augmented training images .* \d+ val images exactly once", first)
+    second = run(args, tmp_path).stdout
+    assert "synth: reusing" in second and "already packed with these options; nothing to do" in second
+
+
+@pytest.mark.slow
+def test_loader_benchmark_prints_its_contract_line(tmp_path: Path) -> None:
+    out = run([str(ROOT / "bench" / "loader.py"), "--patients", "16", "--images", "64", "--workers", "1"],
+              tmp_path).stdout
+    assert re.fullmatch(r"loader: vs_baseline=\d+\.\d\dx vs_ceiling=\d+\.\d\d", out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_pack_benchmark_runs(tmp_path: Path) -> None:
+    out = run([str(ROOT / "bench" / "pack.py"), "--patients", "8", "--workers", "1"], tmp_path).stdout
+    assert re.search(r"pack: \d+ img/s/core at 320 px .* peak RSS ×\d\.\d\d \(pack\)", out)
