@@ -27,7 +27,7 @@ def decode_gray(data: bytes, fmt: str, min_side: int = 0) -> np.ndarray:
         if fmt == "jpg":
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
             scale = 1
-            while scale < 8 and min(height, width) // (scale * 2) >= min_side:
+            while min_side > 0 and scale < 8 and min(height, width) // (scale * 2) >= min_side:
                 scale *= 2
             pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=-(-height // scale),
                                             min_width=-(-width // scale))
