@@ -74,6 +74,10 @@ class StreamConfig:
     shuffle_buffer: int = 1000
     seed: int = 0
     decode_device: Literal["cpu", "cuda"] = "cpu"
+    """cuda: workers ship JPEG bytes; decode (nvJPEG) and warp run on the GPU."""
+    warp_on: Literal["worker", "device"] = "worker"
+    """device: workers only decode; the augmentation warp runs batched where the model runs (a GPU),
+    which leaves the loader cores little but the decode. Implied by decode_device=cuda."""
     balance: str | None = None
     """Train only: rejection-sample so this label is ~50% positive."""
     patient_fraction: float = 1.0
@@ -90,6 +94,8 @@ class StreamConfig:
             raise ValueError(f"patient_fraction {self.patient_fraction}: expected 0 < f ≤ 1")
         if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
             raise ValueError("mean and std must both have 1 or 3 entries")
+        if self.warp_on not in ("worker", "device") or self.decode_device not in ("cpu", "cuda"):
+            raise ValueError("warp_on must be worker or device, decode_device cpu or cuda")
 
 
 class _Shared:
@@ -115,6 +121,7 @@ class _Samples:
         names = resolve_label_set(config.labels) if config.labels else manifest.label_names
         self.encoder = LabelEncoder(names, config.policy)
         self.on_device = config.decode_device == "cuda" and self.fmt == "jpg"
+        self.warp_on_device = config.warp_on == "device"
 
     def read(self, shard: Path) -> Iterator[dict]:
         """Raw samples of one tar (image + JSON only); a damaged tar ends with a counted warning."""
@@ -148,7 +155,10 @@ class _Samples:
         except DecodeError as err:
             self.shared.count_skip(str(err), item["key"])
             return None
-        item["image"] = warp_cpu(pixels, params, self.config.image_size)
+        if self.warp_on_device:
+            item["pixels"] = torch.from_numpy(pixels)
+        else:
+            item["image"] = warp_cpu(pixels, params, self.config.image_size)
         return item
 
     def collate(self, items: list[dict]) -> dict:
@@ -160,6 +170,14 @@ class _Samples:
         batch["params"] = [item["params"] for item in items]
         if self.on_device:
             batch["jpeg"] = [item["jpeg"] for item in items]
+        elif self.warp_on_device:  # ragged decoded images in one zero-padded uint8 canvas
+            sizes = torch.tensor([item["pixels"].shape for item in items])
+            canvas = torch.zeros(len(items), int(sizes[:, 0].max()), int(sizes[:, 1].max()),
+                                 dtype=torch.uint8)
+            for index, item in enumerate(items):
+                height, width = item["pixels"].shape
+                canvas[index, :height, :width] = item["pixels"]
+            batch["canvas"], batch["sizes"] = canvas, sizes
         else:
             batch["image"] = torch.stack([item["image"] for item in items])
         return batch
@@ -191,17 +209,16 @@ class TrainBatches(IterableDataset):
         if not indices:
             return
         stream = self._shuffled(np.random.default_rng([config.seed, epoch, self.rank, logical, 1]))
-        position = 0
         for _ in range(already * config.batch_size):  # skip without decoding: cheap
             next(stream)
-            position += 1
-        for _ in indices:
+        for batch_index in indices:
+            # One augmentation generator per batch (creating one costs ~20 µs): still a pure
+            # function of the stream position, which advances in whole batches.
+            rng = np.random.default_rng([config.seed, epoch, self.rank, logical, 2, batch_index])
             items = []
             for _ in range(config.batch_size):
                 raw, meta = next(stream)
-                rng = np.random.default_rng([config.seed, epoch, self.rank, logical, 2, position])
                 items.append(self.samples.load(raw, meta, sample_params(config.augment, rng)))
-                position += 1
             yield self.samples.collate(self._fill_holes(items))
 
     @staticmethod
@@ -348,12 +365,16 @@ class Stream:
             self.epoch, self.next_batch = self.epoch + 1, 0
 
     def to_device(self, batch: dict, device: torch.device) -> dict:
-        """Move a worker batch to `device`; decode and warp there when the workers sent JPEG bytes."""
+        """Move a worker batch to `device`; decode and/or warp there when the workers did not."""
         non_blocking = device.type == "cuda"
         if "jpeg" in batch:
             import torchvision.io as tvio  # noqa: PLC0415 - only the device path needs it
 
             images = tvio.decode_jpeg(batch.pop("jpeg"), mode=tvio.ImageReadMode.GRAY, device=device)
+            batch["image"] = warp(images, batch.pop("params"), self.config.image_size)
+        elif "canvas" in batch:
+            canvas = batch.pop("canvas").to(device, non_blocking=non_blocking)
+            images = [canvas[i, :h, :w][None] for i, (h, w) in enumerate(batch.pop("sizes").tolist())]
             batch["image"] = warp(images, batch.pop("params"), self.config.image_size)
         else:  # warped in the worker; brightness/contrast run here, batched, where the model runs
             image = batch["image"].to(device, non_blocking=non_blocking)
