@@ -5,8 +5,8 @@
 Throughput: packing synthetic CheXpert trees to 320 px shards, from 320 px sources (CheXpert-small:
 decode + re-encode) and from 640 px sources (a resize on the way, as from a larger tree), with
 1 and 2 workers; per core = images/s ÷ workers. Memory: peak RSS of a fresh process packing, and
-of one streaming a whole training epoch (workers=0), at 1× and 3× the dataset size: it must not
-grow with the dataset.
+of one streaming a whole training epoch (workers=0, a 256-sample shuffle buffer, which both sizes
+fill), at 1× and 3× the dataset size: it must not grow with the dataset.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def child(mode: str, root: Path) -> None:
         pack(PackOptions(layout="chexpert", root=root, out=out, size=320, workers=1), print_=lambda _: None)
         images = json.loads((out / "manifest.json").read_text())["splits"]["train"]["samples"]
     else:
-        stream = train_stream(StreamConfig(shards=out, batch_size=8, image_size=224, workers=0))
+        config = StreamConfig(shards=out, batch_size=8, image_size=224, workers=0, shuffle_buffer=256)
+        stream = train_stream(config)
         images = sum(len(batch["key"]) for batch in stream.batches())
     print(json.dumps({"images": images, "peak_rss_mib": peak_rss_mib()}))
 

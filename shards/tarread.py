@@ -3,7 +3,7 @@
 `webdataset.tarfile_samples` goes through Python's `tarfile`, which parses every 512-byte header
 field by field and streams each member through buffered reads: about a quarter of a worker's
 time per sample at 320 px (bench/loader.py). Shards here are plain ustar archives written by
-`shards.pack`, so this reader maps the file, checks each header's checksum, and slices out only
+`shards.pack`, so this reader walks the headers, checks each one's checksum, and reads only
 the members the stream asks for (a lesion mask is never copied unless wanted). Members are
 grouped into samples the WebDataset way: the key is the path up to the first dot of the base name.
 Anything it does not understand (a bad checksum, a member past the end of the file, compressed
@@ -12,7 +12,6 @@ tars) raises TarFormatError, which the stream counts and skips like webdataset's
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
@@ -55,16 +54,21 @@ def _pax_path(body: bytes) -> str | None:
 
 def iter_members(path: Path, want: Callable[[str], bool] = lambda _: True,
                  ) -> Iterator[tuple[str, bytes | None]]:
-    """(name, bytes) of each regular file in the tar, in order; bytes is None where `want` says no."""
-    with path.open("rb") as handle:
+    """(name, bytes) of each regular file in the tar, in order; bytes is None where `want` says no.
+
+    Plain positioned reads, not mmap: a mapped shard's touched pages would count in the worker's
+    resident memory, which would then grow with the shard size.
+    """
+    with path.open("rb", buffering=0) as handle:
         size = handle.seek(0, 2)
-        if size == 0:
-            return
-        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
         offset, long_name = 0, None
+
+        def read(start: int, length: int) -> bytes:
+            handle.seek(start)
+            return handle.read(length)
+
         while offset + BLOCK <= size:
-            header = data[offset:offset + BLOCK]
+            header = read(offset, BLOCK)
             if header.count(0) == BLOCK:
                 return  # end-of-archive marker
             _check(header, offset, path)
@@ -74,9 +78,9 @@ def iter_members(path: Path, want: Callable[[str], bool] = lambda _: True,
                 raise TarFormatError(f"{path}: truncated (a member runs past the end of the file)")
             kind = header[156:157]
             if kind == b"L":  # GNU long name for the next member
-                long_name = data[start:start + length].split(b"\0", 1)[0].decode("utf-8")
+                long_name = read(start, length).split(b"\0", 1)[0].decode("utf-8")
             elif kind == b"x":  # PAX extended header for the next member
-                long_name = _pax_path(data[start:start + length]) or long_name
+                long_name = _pax_path(read(start, length)) or long_name
             elif kind in _REGULAR:
                 name = long_name
                 if name is None:
@@ -85,13 +89,11 @@ def iter_members(path: Path, want: Callable[[str], bool] = lambda _: True,
                     if header[257:262] == b"ustar" and prefix:
                         name = f"{prefix}/{name}"
                 long_name = None
-                yield name, data[start:start + length] if want(name) else None
+                yield name, read(start, length) if want(name) else None
             elif kind not in _SKIPPED:
                 raise TarFormatError(f"{path}: unsupported tar member type {kind!r} at byte {offset}")
-        if offset < size and data[offset:].strip(b"\0"):
+        if offset < size and read(offset, size - offset).strip(b"\0"):
             raise TarFormatError(f"{path}: truncated (a partial header at the end)")
-    finally:
-        data.close()
 
 
 def _split(name: str) -> tuple[str, str] | None:
