@@ -31,18 +31,18 @@ def pneumonia_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _pack(layout: str, root: Path, out: Path) -> Path:
+    """Small shards (16 samples) so ranks × workers always have several to split."""
+    pack(PackOptions(layout=layout, root=root, out=out, size=64, shard_samples=16, val_fraction=0.2,
+                     workers=1), print_=lambda _: None)
+    return out
+
+
 @pytest.fixture(scope="session")
 def chexpert_shards(chexpert_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Packed with small shards (16 samples) so ranks × workers always have several to split."""
-    out = tmp_path_factory.mktemp("chexpert-shards")
-    pack(PackOptions(layout="chexpert", root=chexpert_root, out=out, size=64, shard_samples=16,
-                     val_fraction=0.2, workers=1), print_=lambda _: None)
-    return out
+    return _pack("chexpert", chexpert_root, tmp_path_factory.mktemp("chexpert-shards"))
 
 
 @pytest.fixture(scope="session")
 def pneumonia_shards(pneumonia_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("pneumonia-shards")
-    pack(PackOptions(layout="pneumonia", root=pneumonia_root, out=out, size=64, shard_samples=16,
-                     val_fraction=0.2, workers=1), print_=lambda _: None)
-    return out
+    return _pack("pneumonia", pneumonia_root, tmp_path_factory.mktemp("pneumonia-shards"))
