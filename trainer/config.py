@@ -1,0 +1,250 @@
+"""One typed config tree (data, model, optim, run): YAML file, then dotted `key=value` overrides.
+
+Every mistake is found before anything is written and reported as one ConfigError line naming
+the key and what was expected. The resolved tree is saved as `config.yaml` in the run directory
+and can be fed straight back with `--config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+FREEZE_STRATEGIES: tuple[str, ...] = ("head", "head+last_block", "full", "layer_decay")
+
+
+class ConfigError(ValueError):
+    """A config mistake, in one line that names the key."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    """Directory written by `python -m shards.pack` (holds manifest.json)."""
+    labels: str | list[str] = "chexpert14"
+    """chexpert14, competition5, pneumonia, or a list of label names."""
+    image_size: int = 224
+    batch_size: int = 32
+    """Per process; the global batch is batch_size × processes × optim.grad_accum."""
+    workers: int = 4
+    views: Literal["all", "frontal", "lateral"] = "frontal"
+    uncertain: Literal["ignore", "zeros", "ones", "mixed"] = "ignore"
+    blank: Literal["zeros", "ignore"] = "zeros"
+    augment: Literal["none", "light", "strong"] = "light"
+    balance: str | None = None
+    patient_fraction: float = 1.0
+    """Fraction of training patients kept (data-efficiency curves)."""
+    samples_per_epoch: int | None = None
+    shuffle_buffer: int = 1000
+    warp_on: Literal["worker", "device"] = "worker"
+    decode_device: Literal["cpu", "cuda"] = "cpu"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"
+    """Any timm model name."""
+    pretrained: bool = False
+    """Load ImageNet weights: from `weights` if set, else the HF cache (offline)."""
+    weights: str | None = None
+    """A local .safetensors/.pth file with the timm model's weights."""
+    in_chans: Literal[1, 3] = 3
+    """1: adapt the stem to grayscale (timm sums the RGB filters); 3: repeat the gray channel."""
+    freeze: Literal["head", "head+last_block", "full", "layer_decay"] = "full"
+    layer_decay: float = 0.75
+    """Per-block LR factor for freeze=layer_decay (the head gets the full LR)."""
+    drop_path: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra timm.create_model arguments (tiny variants: depth, embed_dim, img_size, ...)."""
+    channels_last: bool = True
+    """For CNNs: NHWC memory format (faster convolutions on GPUs)."""
+    compile: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    epochs: int = 3
+    warmup_epochs: float = 0.5
+    min_lr_ratio: float = 0.01
+    """Cosine schedule floor, as a fraction of lr."""
+    grad_accum: int = 1
+    clip_grad: float | None = 1.0
+    pos_weight: bool = True
+    """Weight positives by neg/pos from the manifest's prevalence (BCE pos_weight)."""
+    ema: float | None = None
+    """EMA decay of the weights (e.g. 0.999); evaluation and the export then use the EMA."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    cpu: bool = False
+    """Force the CPU even where a GPU is present."""
+    metric: str = "auroc_macro"
+    """Validation metric that picks the best checkpoint (higher is better)."""
+    checkpoint_every: int = 0
+    """Optimizer steps between checkpoints (0: at epoch ends only)."""
+    keep_last: int = 2
+    resume: str = "never"
+    """never, auto (the latest checkpoint in dir/checkpoints if any), or a checkpoint path."""
+    log_every: int = 10
+    test_at_end: bool = True
+    """Evaluate the best model on the test split when training ends."""
+    image_grid: bool = True
+    """Log a grid of training images to TensorBoard once."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+# --- building from YAML and overrides --------------------------------------------------------
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """File (if any), then `a.b=value` overrides (values parsed as YAML), then validation."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, model, optim, run)")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(raw, key.strip(), value)
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def _set_dotted(tree: dict, key: str, value: object) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: object, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        expected = ", ".join(sorted(names))
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (expected one of: {expected})")
+    values = {}
+    for name, value in raw.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, kind, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: object, kind: object, key: str) -> object:
+    """Check (and gently convert int → float) one value against its type hint."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return _coerce_union(value, args, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(item, args[0], key) for item in value] if args else value
+    if origin is dict or kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind in (int, float, str) and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _coerce_union(value: object, args: tuple, key: str) -> object:
+    if value is None and type(None) in args:
+        return None
+    problems = []
+    for option in (a for a in args if a is not type(None)):
+        try:
+            return _coerce(value, option, key)
+        except ConfigError as err:
+            problems.append(str(err))
+    raise ConfigError(problems[-1] if problems else f"{key}: {value!r} is not allowed")
+
+
+def validate(config: Config) -> None:
+    """Checks that need more than a type: ranges, the model name, the shards on disk."""
+    data, model, optim, run = config.data, config.model, config.optim, config.run
+    positive = {"data.image_size": data.image_size, "data.batch_size": data.batch_size,
+                "optim.epochs": optim.epochs, "optim.grad_accum": optim.grad_accum,
+                "run.keep_last": run.keep_last, "run.log_every": run.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be ≥ 1, got {value}")
+    if data.workers < 0 or run.checkpoint_every < 0:
+        raise ConfigError("data.workers and run.checkpoint_every must be ≥ 0")
+    if not 0 < data.patient_fraction <= 1:
+        raise ConfigError(f"data.patient_fraction: expected 0 < f ≤ 1, got {data.patient_fraction}")
+    if optim.lr <= 0 or optim.weight_decay < 0 or not 0 < model.layer_decay <= 1:
+        raise ConfigError("optim.lr must be > 0, optim.weight_decay ≥ 0, model.layer_decay in (0, 1]")
+    if optim.ema is not None and not 0 < optim.ema < 1:
+        raise ConfigError(f"optim.ema: expected a decay in (0, 1), got {optim.ema}")
+    if not data.shards:
+        raise ConfigError("data.shards: not set (a directory written by python -m shards.pack)")
+    if not (Path(data.shards) / "manifest.json").is_file():
+        raise ConfigError(f"data.shards: {data.shards}/manifest.json not found "
+                          "(run python -m shards.pack first)")
+    import timm  # noqa: PLC0415 - heavy; only once the cheap checks passed
+
+    if not timm.is_model(model.name):
+        close = timm.list_models(f"*{model.name.split('_')[0]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ConfigError(f"model.name: {model.name!r} is not a timm model{hint}")
+    if model.weights is not None and not Path(model.weights).is_file():
+        raise ConfigError(f"model.weights: {model.weights} not found")
+    if run.resume not in ("never", "auto") and not Path(run.resume).is_dir():
+        raise ConfigError(f"run.resume: {run.resume!r} is neither never, auto nor a checkpoint directory")

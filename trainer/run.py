@@ -1,0 +1,52 @@
+"""Train one model: `accelerate launch trainer/run.py --config CONFIG.yaml [key.sub=value ...]`.
+
+Also runs as plain `python trainer/run.py ...` (one process). Exit status: 0 finished, 2 bad
+config (one line, nothing written), 75 preempted after a checkpoint (requeue; `run.resume=auto`
+continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python trainer/run.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shards.errors import DataError
+from trainer.config import ConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainer/run.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="YAML config (trainer/configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="dotted overrides, e.g. run.dir=runs/x model.freeze=head optim.lr=3e-4")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+        from trainer.engine import Preempted, train  # noqa: PLC0415 - keeps --help and config errors fast
+
+        try:
+            train(config)
+        except Preempted as stop:
+            return int(stop.code)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    from trainer.engine import finish
+
+    finish(code)

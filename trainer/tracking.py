@@ -1,0 +1,98 @@
+"""Metrics to `metrics.jsonl` and TensorBoard, on the main process only.
+
+On resume both are cut back to the checkpoint's step first (`purge_step` for TensorBoard, a
+rewrite for the JSON lines), so no step appears twice however often a run is interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_curve
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.writer: SummaryWriter | None = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = self.path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            tmp.replace(self.path)
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, record: dict) -> None:
+        """One JSON line; numbers (and the `auroc` dict) also go to TensorBoard as scalars."""
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, default=_plain) + "\n")
+        assert self.writer is not None
+        split, step = record["split"], record["step"]
+        for key, value in record.items():
+            numeric = isinstance(value, int | float) and not isinstance(value, bool)
+            if key in ("split", "step", "epoch") or not numeric:
+                continue
+            if not math.isnan(value):
+                self.writer.add_scalar(f"{split}/{key}", value, step)
+        for label, value in (record.get("auroc") or {}).items():
+            if value is not None:
+                self.writer.add_scalar(f"{split}/auroc/{label}", value, step)
+        if "confusion" in record:
+            for cell, value in record["confusion"].items():
+                self.writer.add_scalar(f"{split}/confusion/{cell}", value, step)
+
+    def roc_curves(self, split: str, names: tuple[str, ...], probs: np.ndarray, targets: np.ndarray,
+                   masks: np.ndarray, step: int) -> None:
+        """ROC curves as images (TensorBoard has no ROC plugin): one small plot per label."""
+        if not self.enabled or self.writer is None:
+            return
+        for index, name in enumerate(names):
+            keep = masks[:, index] > 0
+            y = targets[keep, index]
+            if y.size == 0 or y.min() == y.max():
+                continue
+            fpr, tpr, _ = roc_curve(y, probs[keep, index])
+            self.writer.add_image(f"{split}_roc/{name}", _plot_curve(fpr, tpr), step, dataformats="HW")
+
+    def images(self, tag: str, images: torch.Tensor, step: int) -> None:
+        if self.enabled and self.writer is not None:
+            grid = make_grid(images[:16, :1].float(), nrow=4, normalize=True)
+            self.writer.add_image(tag, grid, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def _plot_curve(x: np.ndarray, y: np.ndarray, size: int = 128) -> np.ndarray:
+    """A minimal line plot (white background, diagonal in grey, curve in black), uint8 H×W."""
+    canvas = np.full((size, size), 255, dtype=np.uint8)
+    diagonal = np.arange(size)
+    canvas[size - 1 - diagonal, diagonal] = 180
+    xs = np.linspace(0, 1, 4 * size)
+    ys = np.interp(xs, x, y)
+    canvas[(size - 1 - np.round(ys * (size - 1))).astype(int), np.round(xs * (size - 1)).astype(int)] = 0
+    return canvas
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
