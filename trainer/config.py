@@ -179,7 +179,7 @@ def _build(cls: type, raw: object, prefix: str) -> Any:
 
 
 def _coerce(value: object, kind: object, key: str) -> object:
-    """Check (and gently convert int → float) one value against its type hint."""
+    """Check one value against its type hint (converting int or numeric text to float)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is Literal:
         if value not in args:
@@ -195,8 +195,11 @@ def _coerce(value: object, kind: object, key: str) -> object:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if kind is float and not isinstance(value, bool) and isinstance(value, int | str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string; users write it that way
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {value!r}") from None
     if kind is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if kind in (int, float, str) and (not isinstance(value, kind) or isinstance(value, bool)):

@@ -25,6 +25,8 @@ class Predictions:
     probs: np.ndarray
     targets: np.ndarray
     masks: np.ndarray
+    gathered: int = 0
+    """Rows received from all ranks before de-duplication (equal to len(keys) when exact)."""
 
     @classmethod
     def merge(cls, parts: list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]]) -> Predictions:
@@ -39,7 +41,7 @@ class Predictions:
         def stack(column: int) -> np.ndarray:
             return np.stack([parts[p][column][r] for p, r in rows]) if rows else np.zeros((0, 0))
 
-        return cls(order, stack(1), stack(2), stack(3))
+        return cls(order, stack(1), stack(2), stack(3), gathered=sum(len(part[0]) for part in parts))
 
 
 def label_auroc(probs: np.ndarray, targets: np.ndarray, masks: np.ndarray) -> float:
@@ -58,6 +60,7 @@ def multilabel_metrics(names: tuple[str, ...], predictions: Predictions) -> dict
     defined = [v for v in per_label.values() if not math.isnan(v)]
     metrics = {
         "samples": len(predictions.keys),
+        "gathered": predictions.gathered,
         "auroc": {k: (None if math.isnan(v) else round(v, 6)) for k, v in per_label.items()},
         "auroc_macro": float(np.mean(defined)) if defined else None,
         "auroc_labels": len(defined),
@@ -87,6 +90,7 @@ def binary_metrics(predictions: Predictions, threshold: float) -> dict:
     auroc = label_auroc(probs, targets, predictions.masks[:, 0])
     return {
         "samples": len(predictions.keys),
+        "gathered": predictions.gathered,
         "auroc_macro": None if math.isnan(auroc) else auroc,
         "auroc": {"Pneumonia": None if math.isnan(auroc) else round(auroc, 6)},
         "threshold": threshold,

@@ -1,0 +1,91 @@
+"""Running the real trainer from tests: plain python (one process) or accelerate launch (two, gloo)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = str(ROOT / "trainer" / "run.py")
+DEMO = str(ROOT / "trainer" / "configs" / "demo_cpu.yaml")
+DEMO_VIT = str(ROOT / "trainer" / "configs" / "demo_cpu_vit.yaml")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def command(config: str, overrides: list[str], processes: int) -> list[str]:
+    if processes == 1:
+        return [sys.executable, RUN, "--config", config, *overrides]
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            RUN, "--config", config, *overrides]
+
+
+def environment() -> dict[str, str]:
+    # ACCELERATE_USE_CPU: `--cpu` alone would silently run one process (platform-facts.md).
+    return os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def train(config: str, overrides: list[str], processes: int = 1,
+          timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command(config, overrides, processes), capture_output=True, text=True,
+                          timeout=timeout, env=environment(), cwd=ROOT, check=False)
+
+
+def start(config: str, overrides: list[str], processes: int = 1) -> subprocess.Popen:
+    """A run in its own process group, so a test can signal or kill all of it."""
+    return subprocess.Popen(command(config, overrides, processes), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=environment(), cwd=ROOT,
+                            start_new_session=True)
+
+
+def wait_for(predicate, timeout: float = 300, poll: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(poll)
+
+
+def kill_group(process: subprocess.Popen, signum: int = signal.SIGKILL) -> None:
+    """Signal the run and every descendant: torch's elastic launcher starts its workers in their
+    own process groups, so killing the launcher's group alone would leave orphans training on."""
+    family = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+    process.wait(timeout=60)
+    psutil.wait_procs([p for p in map(_process, family) if p is not None], timeout=60)
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def records(run_dir: Path, split: str | None = None) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in lines if split is None or line["split"] == split]
+
+
+def best_val(run_dir: Path) -> float:
+    return max(line["auroc_macro"] for line in records(run_dir, "val"))
