@@ -9,9 +9,10 @@ those ordered groups, so a new timm architecture gets them for free.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,13 +66,28 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
     if config.weights:
         kwargs["pretrained_cfg_overlay"] = {"file": str(Path(config.weights).resolve())}
     try:
-        return timm.create_model(config.name, pretrained=True, num_classes=num_classes,
-                                 in_chans=config.in_chans, **kwargs)
+        with _hub_offline():
+            return timm.create_model(config.name, pretrained=True, num_classes=num_classes,
+                                     in_chans=config.in_chans, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:  # LocalEntryNotFoundError is an OSError
         cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
         where = config.weights or f"the Hugging Face cache ({cache}) for timm/{config.name}"
         raise ConfigError(f"model.pretrained: no usable weights in {where} ({type(err).__name__}); set "
                           "model.weights=FILE or fill the cache where there is internet") from None
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Weights come from a file or the local HF cache: never wait on a network a compute node
+    does not have (HF_HUB_OFFLINE=0 in the environment allows downloads)."""
+    import huggingface_hub.constants as hub  # noqa: PLC0415
+
+    saved = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = os.environ.get("HF_HUB_OFFLINE", "1") != "0"
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved
 
 
 def coarse_groups(model: nn.Module) -> Groups:

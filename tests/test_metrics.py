@@ -1,0 +1,56 @@
+"""Metrics: masked per-label AUROC, de-duplication by key, binary metrics at a val threshold."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from shards.labels import COMPETITION5
+from trainer.metrics import Predictions, binary_metrics, choose_threshold, label_auroc, multilabel_metrics
+
+
+def test_masked_auroc_ignores_masked_samples() -> None:
+    probs = np.array([0.9, 0.8, 0.1, 0.2, 0.95])
+    targets = np.array([1, 1, 0, 0, 0])
+    masks = np.array([1, 1, 1, 1, 0])  # the confident false positive is U-Ignore'd
+    assert label_auroc(probs, targets, masks) == 1.0
+    assert label_auroc(probs, targets, np.ones(5)) == roc_auc_score(targets, probs)
+    assert math.isnan(label_auroc(probs, np.zeros(5), np.ones(5)))
+
+
+def test_merge_keeps_each_key_once_and_counts_what_was_gathered() -> None:
+    parts = [(["b", "a"], np.array([[0.2], [0.1]]), np.array([[0], [1]]), np.ones((2, 1))),
+             (["a", "c"], np.array([[0.9], [0.3]]), np.array([[1], [0]]), np.ones((2, 1)))]
+    merged = Predictions.merge(parts)
+    assert merged.keys == ["a", "b", "c"] and merged.gathered == 4
+    assert merged.probs[:, 0].tolist() == [0.1, 0.2, 0.3], "first occurrence wins"
+
+
+def test_multilabel_macro_and_chexpert5() -> None:
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, (200, 5)).astype(np.float32)
+    probs = np.clip(targets * 0.6 + rng.random((200, 5)) * 0.5, 0, 1)
+    masks, keys = np.ones_like(targets), [str(i) for i in range(200)]
+    metrics = multilabel_metrics(COMPETITION5, Predictions(keys, probs, targets, masks))
+    expected = [roc_auc_score(targets[:, i], probs[:, i]) for i in range(5)]
+    assert metrics["auroc_macro"] == pytest.approx(np.mean(expected))
+    assert metrics["auroc_chexpert5"] == pytest.approx(np.mean(expected))
+    targets[:, 0] = 0  # one label without positives: undefined, left out of the macro
+    metrics = multilabel_metrics(COMPETITION5, Predictions(keys, probs, targets, masks))
+    assert metrics["auroc"]["Atelectasis"] is None and metrics["auroc_labels"] == 4
+    assert "auroc_chexpert5" not in metrics and metrics["auroc_macro"] == pytest.approx(np.mean(expected[1:]))
+
+
+def test_binary_metrics_at_the_validation_threshold() -> None:
+    targets = np.array([0, 0, 0, 1, 1, 1, 1, 0], dtype=np.float32)
+    probs = np.array([0.1, 0.2, 0.45, 0.4, 0.7, 0.8, 0.9, 0.6], dtype=np.float32)
+    threshold = choose_threshold(probs, targets)
+    assert 0.2 < threshold <= 0.7
+    metrics = binary_metrics(Predictions(list("abcdefgh"), probs[:, None], targets[:, None],
+                                         np.ones((8, 1))), 0.5)
+    assert metrics["confusion"] == {"tn": 3, "fp": 1, "fn": 1, "tp": 3}
+    assert metrics["accuracy"] == 0.75 and metrics["sensitivity"] == 0.75 and metrics["specificity"] == 0.75
+    assert metrics["f1"] == pytest.approx(0.75) and metrics["auroc_macro"] == roc_auc_score(targets, probs)
