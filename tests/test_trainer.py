@@ -241,3 +241,31 @@ def test_bad_config_is_one_line_and_writes_nothing(chexpert_shards: Path, tmp_pa
     assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0
     assert message in result.stderr, result.stderr
     assert not run_dir.exists()
+
+
+def test_binary_pneumonia_reports_threshold_metrics(pneumonia_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "pneumonia"
+    result = train(DEMO, [f"data.shards={pneumonia_shards}", f"run.dir={run_dir}", "data.labels=pneumonia",
+                          "data.batch_size=8", "optim.epochs=2"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    card = json.loads((run_dir / "best" / "model_card.json").read_text())
+    assert card["task"] == "binary" and card["labels"] == ["Pneumonia"] and 0 <= card["threshold"] <= 1
+    test = records(run_dir, "test")[-1]
+    assert test["threshold"] == card["threshold"], "the test split uses the threshold chosen on val"
+    assert {"accuracy", "sensitivity", "specificity", "f1", "confusion", "auroc_macro"} <= set(test)
+    assert sum(test["confusion"].values()) == test["samples"]
+
+
+def test_ema_weights_are_checkpointed_and_resumed(chexpert_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "ema"
+    overrides = [f"data.shards={chexpert_shards}", f"run.dir={run_dir}", "data.batch_size=8",
+                 "optim.ema=0.9", "run.test_at_end=false"]
+    assert train(DEMO, [*overrides, "optim.epochs=1"]).returncode == 0
+    checkpoint = next((run_dir / "checkpoints").iterdir())
+    ema = load_file(str(checkpoint / "ema.safetensors"))
+    raw = load_file(str(checkpoint / "model.safetensors"))
+    assert set(ema) == {f"module.{k}" for k in raw}
+    assert any(not np.array_equal(ema[f"module.{k}"].numpy(), raw[k].numpy()) for k in raw)
+    result = train(DEMO, [*overrides, "optim.epochs=2", "run.resume=auto"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [line["epoch"] for line in records(run_dir, "val")] == [0, 1]
