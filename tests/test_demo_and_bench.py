@@ -43,3 +43,13 @@ def test_loader_benchmark_prints_its_contract_line(tmp_path: Path) -> None:
 def test_pack_benchmark_runs(tmp_path: Path) -> None:
     out = run([str(ROOT / "bench" / "pack.py"), "--patients", "8", "--workers", "1"], tmp_path).stdout
     assert re.search(r"pack: \d+ img/s/core at 320 px .* peak RSS ×\d\.\d\d \(pack\)", out)
+
+
+@pytest.mark.slow
+def test_trainer_demo_trains_both_models_and_compares_them(tmp_path: Path) -> None:
+    out = run(["-m", "trainer.demo", "--out", str(tmp_path / "demo"), "--patients", "60", "--epochs", "1"],
+              tmp_path).stdout
+    assert "== cnn: resnet10t" in out and "== vit: vit_tiny_patch16_224" in out
+    assert re.search(r"^macro\s+\d\.\d{3}\s+\d\.\d{3}$", out, re.MULTILINE)
+    for model in ("cnn", "vit"):
+        assert (tmp_path / "demo" / "runs" / model / "best" / "model.safetensors").is_file()
