@@ -57,7 +57,10 @@ def test_missing_shards_and_files(tmp_path: Path) -> None:
         load_config(tmp_path / "bad.yaml")
 
 
-@pytest.mark.parametrize("path", sorted(DEMO.parent.rglob("*.yaml")), ids=lambda p: p.relative_to(DEMO.parent).as_posix())
+SHIPPED = sorted(DEMO.parent.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.relative_to(DEMO.parent).as_posix() for p in SHIPPED])
 def test_every_shipped_config_is_valid(path: Path, chexpert_shards: Path, pneumonia_shards: Path) -> None:
     shards = pneumonia_shards if "pneumonia" in str(path) else chexpert_shards
     config = load_config(path, [f"data.shards={shards}"])
