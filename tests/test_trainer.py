@@ -269,3 +269,29 @@ def test_ema_weights_are_checkpointed_and_resumed(chexpert_shards: Path, tmp_pat
     result = train(DEMO, [*overrides, "optim.epochs=2", "run.resume=auto"])
     assert result.returncode == 0, result.stderr[-4000:]
     assert [line["epoch"] for line in records(run_dir, "val")] == [0, 1]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_with_frozen_layers_trains_saves_and_resumes(chexpert_shards: Path, tmp_path: Path,
+                                                                     stage: int) -> None:
+    """DeepSpeed on two CPU ranks (gloo): frozen weights stay bit-identical across save and resume."""
+    import timm
+
+    start_weights = tmp_path / "start.safetensors"
+    model = timm.create_model("resnet10t", num_classes=5, in_chans=1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(start_weights))
+    run_dir = tmp_path / "run"
+    config = str(Path(DEMO).parents[2] / "launch" / "accelerate" / f"zero{stage}.yaml")
+    overrides = [f"data.shards={chexpert_shards}", f"run.dir={run_dir}", "data.batch_size=8",
+                 "model.freeze=head+last_block", "model.pretrained=true", f"model.weights={start_weights}"]
+    for epochs in (1, 2):
+        result = train(DEMO, [*overrides, f"optim.epochs={epochs}", "run.resume=auto"], processes=2,
+                       accelerate_config=config)
+        assert result.returncode == 0, result.stderr[-4000:]
+    assert [line["epoch"] for line in records(run_dir, "val")] == [0, 1]
+    assert "resumed from" in result.stdout and records(run_dir, "test")
+    before, after = load_file(str(start_weights)), load_file(str(run_dir / "best" / "model.safetensors"))
+    for name in before:
+        if not name.startswith(("fc.", "layer4.")):
+            assert np.array_equal(before[name].numpy(), after[name].numpy()), f"frozen {name} changed"
+    assert not np.array_equal(before["layer4.0.conv1.weight"].numpy(), after["layer4.0.conv1.weight"].numpy())

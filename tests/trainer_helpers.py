@@ -26,24 +26,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def command(config: str, overrides: list[str], processes: int) -> list[str]:
+def command(config: str, overrides: list[str], processes: int,
+            accelerate_config: str | None = None) -> list[str]:
     if processes == 1:
         return [sys.executable, RUN, "--config", config, *overrides]
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    return [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+    mode = ["--config_file", accelerate_config] if accelerate_config else ["--multi_gpu"]
+    return [accelerate, "launch", *mode, "--num_processes", str(processes), "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
             RUN, "--config", config, *overrides]
 
 
-def environment() -> dict[str, str]:
-    # ACCELERATE_USE_CPU: `--cpu` alone would silently run one process (platform-facts.md).
-    return os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def environment(deepspeed: bool = False) -> dict[str, str]:
+    # ACCELERATE_USE_CPU: `--cpu` alone would silently run one process (platform-facts.md); it
+    # would also silently turn DeepSpeed off, which finds the CPU by itself.
+    extra = {} if deepspeed else {"ACCELERATE_USE_CPU": "1"}
+    return os.environ | extra | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def train(config: str, overrides: list[str], processes: int = 1,
-          timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(command(config, overrides, processes), capture_output=True, text=True,
-                          timeout=timeout, env=environment(), cwd=ROOT, check=False)
+def train(config: str, overrides: list[str], processes: int = 1, timeout: int = 600,
+          accelerate_config: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(command(config, overrides, processes, accelerate_config), capture_output=True,
+                          text=True, timeout=timeout, env=environment(accelerate_config is not None),
+                          cwd=ROOT, check=False)
 
 
 def start(config: str, overrides: list[str], processes: int = 1) -> subprocess.Popen:

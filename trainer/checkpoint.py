@@ -98,12 +98,13 @@ class Checkpointer:
         return TrainState(**json.loads((directory / STATE_FILE).read_text(encoding="utf-8")))
 
 
-def export_best(run_dir: Path, model: torch.nn.Module, config: Config, card: dict) -> None:
+def export_best(run_dir: Path, weights: dict[str, torch.Tensor], config: Config, card: dict) -> None:
     """Weights as safetensors + the config that rebuilds the model + a model card (main rank)."""
     tmp, final = run_dir / ".best.tmp", run_dir / "best"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {name: value.detach().to("cpu").contiguous() for name, value in model.state_dict().items()}
+    tensors = {name: value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype)
+               .contiguous() for name, value in weights.items()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config.save(tmp / "config.yaml")
     write_json(tmp / "model_card.json", card)

@@ -7,6 +7,7 @@ function of the optimizer step (no scheduler state to save or to step the wrong 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -92,6 +93,8 @@ class Run:
     tracker: Tracker
     state: TrainState
     stop: StopRequest
+    input_dtype: torch.dtype = torch.float32
+    """float32, or the model's own dtype under DeepSpeed bf16 (it casts weights, not activations)."""
 
     @property
     def binary(self) -> bool:
@@ -137,7 +140,8 @@ def setup(cfg: Config, accelerator: Accelerator) -> Run:
     plan = plan_parameters(model, cfg.model.freeze, cfg.model.layer_decay, cfg.optim.weight_decay)
     accelerator.print(f"model {cfg.model.name}: {plan.trainable:,} of {plan.total:,} parameters trainable "
                       f"(freeze={cfg.model.freeze})")
-    to_memory_format(model, cfg.model.channels_last)
+    # DeepSpeed flattens parameters into buffers: it needs them contiguous, not channels_last.
+    to_memory_format(model, cfg.model.channels_last and not uses_deepspeed(accelerator))
     rank, world = accelerator.process_index, accelerator.num_processes
     train = train_stream(stream_config(cfg, model, "train"), rank, world)
     val = eval_stream(stream_config(cfg, model, "val"), rank, world)
@@ -164,8 +168,15 @@ def setup(cfg: Config, accelerator: Accelerator) -> Run:
         accelerator.print(f"resumed from {resume_from} (step {state.step}, epoch {state.epoch})")
     tracker = Tracker(run_dir, accelerator.is_main_process, state.step if resume_from else None)
     tracker.text("parameters", f"trainable {plan.trainable} / total {plan.total}", state.step)
+    input_dtype = torch.float32
+    if uses_deepspeed(accelerator):
+        # DeepSpeed bf16 casts the parameters but not the buffers; BatchNorm needs both alike.
+        input_dtype = next(model.parameters()).dtype
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                buffer.data = buffer.data.to(input_dtype)
     return Run(cfg, accelerator, run_dir, model, optimizer, train, val, test, labels, pos_weight, ema,
-               checkpointer, tracker, state, StopRequest())
+               checkpointer, tracker, state, StopRequest(), input_dtype)
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
@@ -190,17 +201,17 @@ def train_epoch(run: Run, epoch: int, total_steps: int, warmup: int) -> None:
         if cfg.run.image_grid and state.step == 0 and accelerator.is_main_process:
             run.tracker.images("train/images", batch["image"], 0)
         with accelerator.accumulate(run.model):
-            # forward under autocast; loss in float32
-            with accelerator.autocast():
-                logits = run.model(batch["image"])
-            loss = loss_fn(logits, batch["target"], batch["mask"], run.pos_weight)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                if cfg.optim.clip_grad:
-                    accelerator.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad)
+            if accelerator.sync_gradients:  # set before backward: DeepSpeed steps inside it
                 factor = lr_factor(state.step, warmup, total_steps, cfg.optim.min_lr_ratio)
                 for group in run.optimizer.param_groups:
                     group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0) * factor
+            # forward under autocast (DeepSpeed casts the model instead: cast the input to match)
+            with accelerator.autocast():
+                logits = run.model(batch["image"].to(run.input_dtype))
+            loss = loss_fn(logits, batch["target"], batch["mask"], run.pos_weight)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.optim.clip_grad and not uses_deepspeed(accelerator):
+                accelerator.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
         window["loss"] += loss.detach()  # summed on the device: no sync per step
@@ -255,10 +266,10 @@ def predict(run: Run, stream: Stream) -> Predictions:
     model = run.ema.module if run.ema is not None else run.accelerator.unwrap_model(run.model)
     model.eval()
     keys, probs, targets, masks = [], [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), full_parameters(run):
         for batch in stream.batches(run.accelerator.device):
             with run.accelerator.autocast():
-                logits = model(batch["image"])
+                logits = model(batch["image"].to(run.input_dtype))
             keys += batch["key"]
             probs.append(torch.sigmoid(logits.float()).cpu().numpy())
             targets.append(batch["target"].cpu().numpy())
@@ -267,6 +278,29 @@ def predict(run: Run, stream: Stream) -> Predictions:
     local = (keys, *(np.concatenate(a) if a else empty for a in (probs, targets, masks)))
     parts = gather_object([local]) if run.accelerator.num_processes > 1 else [local]
     return Predictions.merge(parts)
+
+
+def full_parameters(run: Run) -> contextlib.AbstractContextManager:
+    """ZeRO-3 shards every weight, and each forward gathers them collectively: ranks with
+    different numbers of evaluation batches would then wait on each other forever. Gather the
+    whole model once (all ranks, same point), so evaluation forwards are local."""
+    if zero_stage(run.accelerator) != 3:
+        return contextlib.nullcontext()
+    import deepspeed  # noqa: PLC0415 - only with DeepSpeed
+
+    return deepspeed.zero.GatheredParameters(list(run.model.parameters()), modifier_rank=None)
+
+
+def load_weights(run: Run, weights: dict[str, torch.Tensor]) -> None:
+    """Put exported weights back into the (possibly ZeRO-3-sharded) model, on every rank."""
+    target = run.ema.module if run.ema is not None else run.accelerator.unwrap_model(run.model)
+    if zero_stage(run.accelerator) == 3:
+        import deepspeed  # noqa: PLC0415 - only with DeepSpeed
+
+        with deepspeed.zero.GatheredParameters(list(target.parameters()), modifier_rank=0):
+            target.load_state_dict(weights)
+    else:
+        target.load_state_dict(weights)
 
 
 def evaluate(run: Run, split: str, threshold: float | None = None) -> dict:
@@ -293,9 +327,11 @@ def end_of_epoch(run: Run, report: Report | None) -> None:
     state.epoch += 1
     if improved:
         state.best_metric, state.best_step = float(value), state.step
+        # Collective under ZeRO-3 (the weights are gathered to the main rank): every rank calls it.
+        model = run.ema.module if run.ema is not None else run.model
+        weights = model.state_dict() if run.ema is not None else accelerator.get_state_dict(model)
         if accelerator.is_main_process:
-            model = run.ema.module if run.ema is not None else accelerator.unwrap_model(run.model)
-            export_best(run.run_dir, model, cfg, model_card(run, metrics))
+            export_best(run.run_dir, weights, cfg, model_card(run, metrics))
     save_checkpoint(run)
     accelerator.print(f"epoch {state.epoch}: val {cfg.run.metric}={_fmt(value)} "
                       f"(best {_fmt(state.best_metric)} at step {state.best_step})")
@@ -317,12 +353,42 @@ def model_card(run: Run, metrics: dict) -> dict:
     }
 
 
+def make_accelerator(cfg: Config) -> Accelerator:
+    """DDP by default; DeepSpeed when launched with a DeepSpeed accelerate config
+    (launch/accelerate/zero*.yaml), whose batch size, accumulation and clipping come from `cfg`."""
+    handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+    if cfg.run.cpu or not torch.cuda.is_available():
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # DeepSpeed would ask for NCCL
+    accelerator = Accelerator(mixed_precision=cfg.run.precision, cpu=cfg.run.cpu,
+                              gradient_accumulation_steps=cfg.optim.grad_accum, kwargs_handlers=handlers)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # The streams are not `prepare`d (they split by rank themselves), so DeepSpeed cannot
+        # infer the micro-batch from a DataLoader: say it explicitly.
+        plugin.deepspeed_config.update({
+            "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+            "gradient_accumulation_steps": cfg.optim.grad_accum,
+            "train_batch_size": cfg.data.batch_size * cfg.optim.grad_accum * accelerator.num_processes,
+            "gradient_clipping": cfg.optim.clip_grad or 0.0,
+        })
+        if plugin.zero_stage == 3:  # the best-model export needs whole weights gathered on rank 0
+            plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return accelerator
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
 def train(cfg: Config, report: Report | None = None) -> dict:
     """Train (or resume), evaluate each epoch, export the best model, test it. Returns test metrics
     (or the best validation ones when run.test_at_end is off)."""
-    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=False)]
-    accelerator = Accelerator(mixed_precision=cfg.run.precision, cpu=cfg.run.cpu,
-                              gradient_accumulation_steps=cfg.optim.grad_accum, kwargs_handlers=kwargs)
+    accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         cfg.save(Path(cfg.run.dir) / "config.yaml")
@@ -347,8 +413,7 @@ def _loop(run: Run, report: Report | None) -> dict:
         best = run.run_dir / "best" / "model.safetensors"
         run.accelerator.wait_for_everyone()
         if best.is_file():
-            target = run.ema.module if run.ema is not None else run.accelerator.unwrap_model(run.model)
-            target.load_state_dict(load_file(str(best)))
+            load_weights(run, load_file(str(best)))
         threshold = None
         if run.binary:
             card = json.loads((run.run_dir / "best" / "model_card.json").read_text())
