@@ -357,7 +357,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     """DDP by default; DeepSpeed when launched with a DeepSpeed accelerate config
     (launch/accelerate/zero*.yaml), whose batch size, accumulation and clipping come from `cfg`."""
     handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=False)]
-    if cfg.run.cpu or not torch.cuda.is_available():
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and (cfg.run.cpu or not torch.cuda.is_available()):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # DeepSpeed would ask for NCCL
     accelerator = Accelerator(mixed_precision=cfg.run.precision, cpu=cfg.run.cpu,
                               gradient_accumulation_steps=cfg.optim.grad_accum, kwargs_handlers=handlers)
