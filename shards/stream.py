@@ -50,6 +50,8 @@ from shards.targets import LabelEncoder, LabelPolicy
 from shards.tarread import TarFormatError, iter_samples
 
 log = logging.getLogger("shards.stream")
+RAW_VALUES = (1, 0, -1, None)
+"""What a shard's JSON may hold for a label (shards store raw labels; null is blank)."""
 IMAGENET_GRAY = ((0.449,), (0.226,))
 """ImageNet mean/std averaged over RGB: the input statistics of an in_chans=1 timm model."""
 
@@ -138,6 +140,11 @@ class _Samples:
         except (KeyError, ValueError, TypeError) as err:
             reason = f"incomplete sample ({type(err).__name__}: {err})"
             self.shared.count_skip(reason, raw.get("__key__", "?"))
+            return None
+        labels = meta.get("labels") if isinstance(meta, dict) else None
+        if not isinstance(labels, dict) or not all(v in RAW_VALUES for v in labels.values()):
+            self.shared.count_skip("malformed metadata (labels must map names to 1, 0, -1 or null)",
+                                   raw.get("__key__", "?"))
             return None
         if self.config.views != "all" and meta.get("view") != self.config.views:
             return None
@@ -368,9 +375,7 @@ class Stream:
         """Move a worker batch to `device`; decode and/or warp there when the workers did not."""
         non_blocking = device.type == "cuda"
         if "jpeg" in batch:
-            import torchvision.io as tvio  # noqa: PLC0415 - only the device path needs it
-
-            images = tvio.decode_jpeg(batch.pop("jpeg"), mode=tvio.ImageReadMode.GRAY, device=device)
+            images = self._decode_on_device(batch, device)
             batch["image"] = warp(images, batch.pop("params"), self.config.image_size)
         elif "canvas" in batch:
             canvas = batch.pop("canvas").to(device, non_blocking=non_blocking)
@@ -383,6 +388,29 @@ class Stream:
         batch["target"] = batch["target"].to(device, non_blocking=non_blocking)
         batch["mask"] = batch["mask"].to(device, non_blocking=non_blocking)
         return batch
+
+
+    def _decode_on_device(self, batch: dict, device: torch.device) -> list[torch.Tensor]:
+        """nvJPEG decode of the whole batch; if a JPEG is corrupt, decode one by one and drop the
+        bad rows from the batch (skipped and counted, as on the CPU path)."""
+        import torchvision.io as tvio  # noqa: PLC0415 - only the device path needs it
+
+        jpegs = batch.pop("jpeg")
+        try:
+            return tvio.decode_jpeg(jpegs, mode=tvio.ImageReadMode.GRAY, device=device)
+        except RuntimeError:
+            pass
+        images, keep = [], []
+        for index, data in enumerate(jpegs):
+            try:
+                images.append(tvio.decode_jpeg(data, mode=tvio.ImageReadMode.GRAY, device=device))
+                keep.append(index)
+            except RuntimeError as err:
+                self._shared.count_skip(f"undecodable JPEG on {device} ({err})", batch["key"][index])
+        batch["key"] = [batch["key"][i] for i in keep]
+        batch["params"] = [batch["params"][i] for i in keep]
+        batch["target"], batch["mask"] = batch["target"][keep], batch["mask"][keep]
+        return images
 
 
 def _init_worker(_: int) -> None:

@@ -70,7 +70,7 @@ def iter_members(path: Path, want: Callable[[str], bool] = lambda _: True,
         while offset + BLOCK <= size:
             header = read(offset, BLOCK)
             if header.count(0) == BLOCK:
-                return  # end-of-archive marker
+                return  # end-of-archive marker: the only clean way out of the loop
             _check(header, offset, path)
             length = _number(header[124:136], path, offset)
             start, offset = offset + BLOCK, offset + BLOCK + -(-length // BLOCK) * BLOCK
@@ -94,6 +94,7 @@ def iter_members(path: Path, want: Callable[[str], bool] = lambda _: True,
                 raise TarFormatError(f"{path}: unsupported tar member type {kind!r} at byte {offset}")
         if offset < size and read(offset, size - offset).strip(b"\0"):
             raise TarFormatError(f"{path}: truncated (a partial header at the end)")
+        raise TarFormatError(f"{path}: truncated (no end-of-archive marker after byte {offset})")
 
 
 def _split(name: str) -> tuple[str, str] | None:
@@ -113,16 +114,23 @@ def iter_samples(path: Path, wanted: Collection[str] | None = None) -> Iterator[
         return parts is not None and (wanted is None or parts[1] in wanted)
 
     sample: dict | None = None
-    for name, body in iter_members(path, want):
-        parts = _split(name)
-        if parts is None:
-            continue  # no extension: not part of a sample
-        key, ext = parts
-        if sample is None or sample["__key__"] != key:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key, "__url__": str(path)}
-        if body is not None:
-            sample[ext] = body
+    try:
+        for name, body in iter_members(path, want):
+            parts = _split(name)
+            if parts is None:
+                continue  # no extension: not part of a sample
+            key, ext = parts
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": str(path)}
+            if body is not None:
+                sample[ext] = body
+    except TarFormatError:
+        # The sample read before the damage may be whole: hand it on (the stream checks that
+        # it has its image and JSON), then report the damage.
+        if sample is not None:
+            yield sample
+        raise
     if sample is not None:
         yield sample

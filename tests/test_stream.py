@@ -284,10 +284,6 @@ def test_corrupt_sample_is_logged_and_training_keeps_full_batches(
 
 @NO_PIN_WARNING
 @NO_TV_DEPRECATION
-@pytest.mark.xfail(raises=RuntimeError, strict=True, reason=(
-    "decode_device=cuda: workers ship JPEG bytes unchecked (_Samples.load) and Stream.to_device "
-    "decodes the batch with torchvision.io.decode_jpeg without a handler, so one corrupt JPEG "
-    "raises RuntimeError and ends the epoch instead of being skipped and counted"))
 def test_corrupt_sample_is_skipped_on_the_device_decode_path(chexpert_shards: Path, tmp_path: Path) -> None:
     """The device-decode code path, run on the CPU (to_device decodes on the batch's device)."""
     copy, victim = corrupt_copy(chexpert_shards, tmp_path, "val", "jpeg garbage")
@@ -313,21 +309,11 @@ def member_of(shard: Path, key: str, ext: str) -> tarfile.TarInfo:
         return tar.getmember(f"{key}.{ext}")
 
 
-_DROPS_LAST = ("tarread.iter_samples holds the last complete sample until the next key's first "
-               "member arrives; when iter_members raises TarFormatError there, the held sample is "
-               "never yielded, so a complete sample before the cut is lost (webdataset yields it)")
 CUTS: list = [
     pytest.param("inside the JSON of sample 7", id="inside-json"),
-    pytest.param("inside the JPEG of sample 7", id="inside-first-member",
-                 marks=pytest.mark.xfail(raises=AssertionError, strict=True, reason=_DROPS_LAST)),
-    pytest.param("partial header of sample 7", id="partial-header",
-                 marks=pytest.mark.xfail(raises=AssertionError, strict=True, reason=_DROPS_LAST)),
-    pytest.param("member boundary before sample 7", id="member-boundary", marks=pytest.mark.xfail(
-        raises=AssertionError, strict=True, reason=(
-            "tarread.iter_members stops without error when the file ends exactly on a member "
-            "boundary (no end-of-archive blocks: `while offset + BLOCK <= size` simply ends and "
-            "the trailing check only sees partial headers), so the stream loses the rest of the "
-            "shard silently: skipped stays 0 and eval no longer covers the manifest's samples"))),
+    pytest.param("inside the JPEG of sample 7", id="inside-first-member"),
+    pytest.param("partial header of sample 7", id="partial-header"),
+    pytest.param("member boundary before sample 7", id="member-boundary"),
 ]
 
 
@@ -612,3 +598,22 @@ def test_configuration_errors(chexpert_shards: Path, tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             config(chexpert_shards, **bad)
     assert np.isfinite(train_stream(config(chexpert_shards)).pos_weight.numpy()).all()
+
+
+@pytest.mark.parametrize("payload", [b'{"labels": {"Edema": 2}}', b'[1, 2]', b'{"labels": ["Edema"]}'])
+def test_malformed_metadata_is_skipped_and_counted(chexpert_shards: Path, tmp_path: Path,
+                                                   payload: bytes) -> None:
+    copy = tmp_path / "shards"
+    shutil.copytree(chexpert_shards, copy)
+    shard = copy / "val-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = next(m.name for m, _ in members if m.name.endswith(".json")).split(".")[0]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in members:
+            body = payload if member.name == f"{victim}.json" else data
+            member.size = len(body)
+            tar.addfile(member, io.BytesIO(body))
+    stream = eval_stream(config(copy, split="val"))
+    keys = [key for batch in stream.batches() for key in batch["key"]]
+    assert victim not in keys and stream.skipped == 1

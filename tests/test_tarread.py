@@ -80,4 +80,5 @@ def test_corrupt_header_and_compressed_tar(chexpert_shards: Path, tmp_path: Path
         ours(gz)
     empty = tmp_path / "empty.tar"
     empty.write_bytes(b"")
-    assert ours(empty) == []
+    with pytest.raises(TarFormatError, match="no end-of-archive marker"):
+        ours(empty)
