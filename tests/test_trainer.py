@@ -295,3 +295,13 @@ def test_deepspeed_zero_with_frozen_layers_trains_saves_and_resumes(chexpert_sha
         if not name.startswith(("fc.", "layer4.")):
             assert np.array_equal(before[name].numpy(), after[name].numpy()), f"frozen {name} changed"
     assert not np.array_equal(before["layer4.0.conv1.weight"].numpy(), after["layer4.0.conv1.weight"].numpy())
+
+
+def test_torch_compile_smoke(chexpert_shards: Path, tmp_path: Path) -> None:
+    """model.compile=true trains and evaluates (CPU inductor; the first step compiles for ~30 s)."""
+    result = train(DEMO, [f"data.shards={chexpert_shards}", f"run.dir={tmp_path / 'run'}", "optim.epochs=1",
+                          "model.compile=true", "data.batch_size=8", "run.test_at_end=false"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert records(tmp_path / "run", "val") and (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    names = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))
+    assert not any(name.startswith("_orig_mod.") for name in names), "exported names are the plain model's"

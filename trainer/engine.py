@@ -232,7 +232,7 @@ def after_optimizer_step(run: Run, window: dict, started: float) -> None:
     state.step += 1
     state.samples += cfg.data.batch_size * accelerator.num_processes * cfg.optim.grad_accum
     if run.ema is not None:
-        run.ema.update(accelerator.unwrap_model(run.model), step=state.step)
+        run.ema.update(plain_model(run), step=state.step)
     if state.step % cfg.run.log_every == 0:
         mean_loss = accelerator.reduce(window["loss"] / window["batches"], reduction="mean").item()
         seconds = max(1e-9, time.perf_counter() - started)
@@ -253,6 +253,11 @@ def after_optimizer_step(run: Run, window: dict, started: float) -> None:
         raise Preempted
 
 
+def plain_model(run: Run) -> torch.nn.Module:
+    """The model without DDP and torch.compile wrappers: its names are the timm model's."""
+    return run.accelerator.unwrap_model(run.model, keep_torch_compile=False)
+
+
 def save_checkpoint(run: Run) -> None:
     run.state.stream = run.train.state_dict()
     directory = run.checkpointer.save(run.state)
@@ -263,7 +268,7 @@ def save_checkpoint(run: Run) -> None:
 
 def predict(run: Run, stream: Stream) -> Predictions:
     """Every sample of the split scored once: local predictions gathered from all ranks, by key."""
-    model = run.ema.module if run.ema is not None else run.accelerator.unwrap_model(run.model)
+    model = run.ema.module if run.ema is not None else plain_model(run)
     model.eval()
     keys, probs, targets, masks = [], [], [], []
     with torch.no_grad(), full_parameters(run):
@@ -293,7 +298,7 @@ def full_parameters(run: Run) -> contextlib.AbstractContextManager:
 
 def load_weights(run: Run, weights: dict[str, torch.Tensor]) -> None:
     """Put exported weights back into the (possibly ZeRO-3-sharded) model, on every rank."""
-    target = run.ema.module if run.ema is not None else run.accelerator.unwrap_model(run.model)
+    target = run.ema.module if run.ema is not None else plain_model(run)
     if zero_stage(run.accelerator) == 3:
         import deepspeed  # noqa: PLC0415 - only with DeepSpeed
 
@@ -328,8 +333,12 @@ def end_of_epoch(run: Run, report: Report | None) -> None:
     if improved:
         state.best_metric, state.best_step = float(value), state.step
         # Collective under ZeRO-3 (the weights are gathered to the main rank): every rank calls it.
-        model = run.ema.module if run.ema is not None else run.model
-        weights = model.state_dict() if run.ema is not None else accelerator.get_state_dict(model)
+        if run.ema is not None:
+            weights = run.ema.module.state_dict()
+        elif uses_deepspeed(accelerator):
+            weights = accelerator.get_state_dict(run.model)  # gathers ZeRO-3 shards to rank 0
+        else:
+            weights = plain_model(run).state_dict()
         if accelerator.is_main_process:
             export_best(run.run_dir, weights, cfg, model_card(run, metrics))
     save_checkpoint(run)
@@ -341,7 +350,7 @@ def end_of_epoch(run: Run, report: Report | None) -> None:
 
 def model_card(run: Run, metrics: dict) -> dict:
     cfg = run.cfg
-    stream = stream_config(cfg, run.accelerator.unwrap_model(run.model), "val")
+    stream = stream_config(cfg, plain_model(run), "val")
     return {
         "model": cfg.model.name, "labels": list(run.labels), "task": "binary" if run.binary else "multilabel",
         "input": {"channels": cfg.model.in_chans, "size": cfg.data.image_size, "mean": list(stream.mean),
