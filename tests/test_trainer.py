@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from shards.labels import CHEXPERT_LABELS
+from shards.labels import CHEXPERT_LABELS, COMPETITION5
 from shards.pack import PackOptions, pack
 from shards.synth import ChexpertOptions, generate_chexpert
 from tests.trainer_helpers import DEMO, DEMO_VIT, best_val, kill_group, records, start, train, wait_for
@@ -106,6 +106,9 @@ def test_run_directory_contract_and_tensorboard(cnn_run: Path) -> None:
     kept = sorted({*val_steps[-2:], best_step})  # keep_last=2 plus the best
     assert sorted(p.name for p in (cnn_run / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in kept]
     assert load_config(cnn_run / "config.yaml").run.dir == str(cnn_run), "config.yaml feeds back"
+    with np.load(cnn_run / "predictions_test.npz", allow_pickle=False) as saved:
+        assert saved["probs"].shape == (records(cnn_run, "test")[-1]["samples"], 5)
+        assert list(saved["labels"]) == list(COMPETITION5) and len(set(saved["keys"])) == len(saved["keys"])
     for line in records(cnn_run):
         assert {"split", "epoch", "step"} <= set(line)
     val = records(cnn_run, "val")

@@ -296,6 +296,14 @@ def full_parameters(run: Run) -> contextlib.AbstractContextManager:
     return deepspeed.zero.GatheredParameters(list(run.model.parameters()), modifier_rank=None)
 
 
+def save_predictions(path: Path, labels: tuple[str, ...], predictions: Predictions) -> None:
+    """Per-sample scores for the report's paired tests (plain arrays: np.load needs no pickle)."""
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, keys=np.array(predictions.keys, dtype=str), labels=np.array(labels, dtype=str),
+                        probs=predictions.probs, targets=predictions.targets, masks=predictions.masks)
+    tmp.replace(path)
+
+
 def load_weights(run: Run, weights: dict[str, torch.Tensor]) -> None:
     """Put exported weights back into the (possibly ZeRO-3-sharded) model, on every rank."""
     target = run.ema.module if run.ema is not None else plain_model(run)
@@ -319,6 +327,8 @@ def evaluate(run: Run, split: str, threshold: float | None = None) -> dict:
         metrics = multilabel_metrics(run.labels, predictions)
     record = {"split": split, "epoch": run.state.epoch, "step": run.state.step, **metrics}
     run.tracker.log(record)
+    if run.accelerator.is_main_process:
+        save_predictions(run.run_dir / f"predictions_{split}.npz", run.labels, predictions)
     run.tracker.roc_curves(split, run.labels, predictions.probs, predictions.targets, predictions.masks,
                            run.state.step)
     return record
