@@ -38,6 +38,7 @@ def test_defaults_need_only_the_shards(chexpert_shards: Path) -> None:
     (["model.weights=/no/such.safetensors"], "model.weights: /no/such.safetensors not found"),
     (["run.resume=sometimes"], "run.resume: 'sometimes' is neither never, auto nor a checkpoint directory"),
     (["optim.ema=1.5"], "optim.ema: expected a decay in (0, 1)"),
+    (["run.metric=acuroc"], "run.metric: 'acuroc' is not one of auroc_macro"),
     (["lr"], "override 'lr': expected key.sub=value"),
     (["data.shards.x=1"], "data.shards"),
 ])

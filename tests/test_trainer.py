@@ -189,6 +189,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(learn_shards: Path, tmp_
     wait_for(lambda: (run_dir / "checkpoints" / "step-00000008").is_dir() or process.poll() is not None)
     kill_group(process)
     assert not records(run_dir, "val"), "killed mid-epoch, before the first evaluation"
+    (run_dir / "checkpoints" / ".tmp-step-00000009").mkdir()  # as if killed while saving
     resumed = train(DEMO, [*overrides, f"run.dir={run_dir}", "run.resume=auto"], processes=2)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout
@@ -198,6 +199,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(learn_shards: Path, tmp_
         assert [line["step"] for line in got] == [line["step"] for line in expected]
         for a, b in zip(got, expected, strict=True):
             assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-5)
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")), "a half-written checkpoint is cleaned up"
     steps = [line["step"] for line in records(run_dir, "train")]
     assert steps == sorted(set(steps)), "no step logged twice"
     assert steps == [line["step"] for line in records(tmp_path / "straight", "train")]

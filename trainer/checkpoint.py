@@ -77,6 +77,8 @@ class Checkpointer:
         return final
 
     def _prune(self, state: TrainState) -> None:
+        for stale in self.root.glob(".tmp-step-*"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
         steps = sorted(int(m.group(1)) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)))
         keep = set(steps[-self.keep_last:]) | ({state.best_step} if state.best_step is not None else set())
         for step in steps:

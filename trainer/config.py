@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 
 FREEZE_STRATEGIES: tuple[str, ...] = ("head", "head+last_block", "full", "layer_decay")
+METRICS: tuple[str, ...] = ("auroc_macro", "auroc_chexpert5", "accuracy", "f1", "sensitivity", "specificity")
+"""Validation metrics that can pick the best checkpoint (all: higher is better)."""
 
 
 class ConfigError(ValueError):
@@ -236,6 +238,8 @@ def validate(config: Config) -> None:
         raise ConfigError("optim.lr must be > 0, optim.weight_decay ≥ 0, model.layer_decay in (0, 1]")
     if optim.ema is not None and not 0 < optim.ema < 1:
         raise ConfigError(f"optim.ema: expected a decay in (0, 1), got {optim.ema}")
+    if run.metric not in METRICS:
+        raise ConfigError(f"run.metric: {run.metric!r} is not one of {', '.join(METRICS)}")
     if not data.shards:
         raise ConfigError("data.shards: not set (a directory written by python -m shards.pack)")
     if not (Path(data.shards) / "manifest.json").is_file():
