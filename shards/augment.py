@@ -1,9 +1,9 @@
 """Augmentation policies as one affine warp plus brightness/contrast, on CPU or GPU alike.
 
 Every geometric op (random resized crop, rotation, translation, optional flip, and the final
-resize to a square) composes into one 2×3 matrix per sample. Parameters are drawn from a
-per-sample numpy Generator in the loader worker, so a sample's augmentation is a pure function of
-the stream position and a resumed stream repeats it exactly. Two executors share the matrix:
+resize to a square) composes into one 2×3 matrix per sample. Parameters are drawn in the loader
+worker from a numpy Generator seeded by the stream position, so a sample's augmentation is a pure
+function of that position and a resumed stream repeats it exactly. Two executors share the matrix:
 `warp` (one `grid_sample` over a padded batch: the device path, one kernel on a GPU) and
 `warp_cpu` (in the loader worker: the CPU path, where `grid_sample` costs more than the JPEG
 decode itself; an axis-aligned crop becomes a crop view and one antialiased resize). They

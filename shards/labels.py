@@ -51,6 +51,8 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
 
 RawLabel = Literal[1, 0, -1] | None
 """1 positive, 0 negative, -1 uncertain, None blank (not mentioned in the report)."""
+RAW_VALUES: tuple[RawLabel, ...] = (1, 0, -1, None)
+"""Every value a raw label can take (what shards store in their JSON)."""
 
 _RAW_VALUES: dict[str, RawLabel] = {
     "": None,

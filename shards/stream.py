@@ -43,15 +43,13 @@ from shards.augment import (
 )
 from shards.decode import DecodeError, decode_gray
 from shards.errors import DataError
-from shards.labels import resolve_label_set
+from shards.labels import RAW_VALUES, resolve_label_set
 from shards.manifest import Manifest, ShardInfo, load_manifest
 from shards.split import patient_unit
 from shards.targets import LabelEncoder, LabelPolicy
 from shards.tarread import TarFormatError, iter_samples
 
 log = logging.getLogger("shards.stream")
-RAW_VALUES = (1, 0, -1, None)
-"""What a shard's JSON may hold for a label (shards store raw labels; null is blank)."""
 IMAGENET_GRAY = ((0.449,), (0.226,))
 """ImageNet mean/std averaged over RGB: the input statistics of an in_chans=1 timm model."""
 
@@ -388,7 +386,6 @@ class Stream:
         batch["target"] = batch["target"].to(device, non_blocking=non_blocking)
         batch["mask"] = batch["mask"].to(device, non_blocking=non_blocking)
         return batch
-
 
     def _decode_on_device(self, batch: dict, device: torch.device) -> list[torch.Tensor]:
         """nvJPEG decode of the whole batch; if a JPEG is corrupt, decode one by one and drop the

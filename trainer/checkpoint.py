@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 
+from shards.shardio import write_json_atomic
 from trainer.config import Config
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -45,19 +46,14 @@ class TrainState:
     stream: dict = field(default_factory=dict)
 
 
-def write_json(path: Path, payload: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 class Checkpointer:
     def __init__(self, run_dir: Path, accelerator: Accelerator, keep_last: int) -> None:
         self.root = run_dir / "checkpoints"
         self.accelerator, self.keep_last = accelerator, keep_last
 
-    def save(self, state: TrainState) -> Path:
-        """Collective: every rank calls it at the same step."""
+    def save(self, state: TrainState, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+        """Collective: every rank calls it at the same step. `extra`: more safetensors files
+        (name → tensors, written by the main rank) that belong inside the checkpoint."""
         final = self.root / f"step-{state.step:08d}"
         tmp = self.root / f".tmp-step-{state.step:08d}"
         main = self.accelerator.is_main_process
@@ -67,7 +63,9 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp), safe_serialization=True)
         if main:
-            write_json(tmp / STATE_FILE, asdict(state))
+            for name, tensors in (extra or {}).items():
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
+            write_json_atomic(tmp / STATE_FILE, asdict(state))
         self.accelerator.wait_for_everyone()
         if main:
             shutil.rmtree(final, ignore_errors=True)
@@ -109,7 +107,7 @@ def export_best(run_dir: Path, weights: dict[str, torch.Tensor], config: Config,
                .contiguous() for name, value in weights.items()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config.save(tmp / "config.yaml")
-    write_json(tmp / "model_card.json", card)
+    write_json_atomic(tmp / "model_card.json", card)
     old = run_dir / ".best.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

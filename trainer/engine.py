@@ -24,15 +24,16 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from shards.augment import AugmentConfig
 from shards.labels import COMPETITION5, resolve_label_set
 from shards.manifest import load_manifest
+from shards.shardio import write_json_atomic
 from shards.stream import IMAGENET_GRAY, Stream, StreamConfig, eval_stream, train_stream
 from shards.targets import LabelPolicy
-from trainer.checkpoint import Checkpointer, TrainState, export_best, write_json
+from trainer.checkpoint import Checkpointer, TrainState, export_best
 from trainer.config import Config, ConfigError
 from trainer.metrics import Predictions, binary_metrics, choose_threshold, multilabel_metrics
 from trainer.models import build_model, keep_frozen_norms_in_eval, plan_parameters, to_memory_format
@@ -248,7 +249,7 @@ def after_optimizer_step(run: Run, window: dict, started: float) -> None:
     if run.stop.agreed(accelerator):
         save_checkpoint(run)
         if accelerator.is_main_process:
-            write_json(run.run_dir / "preempted.json", {"step": state.step, "exit_code": EXIT_REQUEUE})
+            write_json_atomic(run.run_dir / "preempted.json", {"step": state.step, "exit_code": EXIT_REQUEUE})
         accelerator.print(f"preempted: checkpoint at step {state.step} saved; exiting {EXIT_REQUEUE}")
         raise Preempted
 
@@ -260,10 +261,8 @@ def plain_model(run: Run) -> torch.nn.Module:
 
 def save_checkpoint(run: Run) -> None:
     run.state.stream = run.train.state_dict()
-    directory = run.checkpointer.save(run.state)
-    if run.ema is not None and run.accelerator.is_main_process:
-        tensors = {k: v.contiguous() for k, v in run.ema.state_dict().items()}
-        save_file(tensors, str(directory / "ema.safetensors"))
+    extra = {"ema.safetensors": run.ema.state_dict()} if run.ema is not None else None
+    run.checkpointer.save(run.state, extra)
 
 
 def predict(run: Run, stream: Stream) -> Predictions:
