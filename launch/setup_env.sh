@@ -2,7 +2,7 @@
 # Create (or update) the project's virtual environment at .venv/ and install cxrbench into it.
 #
 #   bash launch/setup_env.sh            # base install (shards, trainer)
-#   bash launch/setup_env.sh dev        # + test and lint tools
+#   bash launch/setup_env.sh dev        # + test and lint tools (and, as root, slurm-wlm + munge)
 #   bash launch/setup_env.sh dev,sweep  # any extras from setup.cfg, comma-separated
 #
 # Every install passes launch/constraints.txt, which pins torch and torchvision as a matching
@@ -28,6 +28,11 @@ if [[ "${CXR_KEEP_TORCH:-0}" == "1" ]]; then
     trap 'rm -f "$filtered"' EXIT
     grep -vE '^(torch|torchvision)==' "$constraints" >"$filtered"
     constraints="$filtered"
+fi
+
+# The dev extra runs the launch tests on a real local SLURM: its system packages come first.
+if [[ ",$extras," == *,dev,* ]]; then
+    bash "$root/launch/system_packages.sh"
 fi
 
 stamp="$venv/.cxrbench-install"

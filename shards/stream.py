@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,6 +413,9 @@ class Stream:
 
 def _init_worker(_: int) -> None:
     torch.set_num_threads(1)  # one decode pipeline per core; intra-op threads only oversubscribe
+    # SLURM delivers the preemption warning (SIGUSR1) to every process of a job step: a worker
+    # must survive it (its default action is to die) and leave the checkpoint to its rank.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _balance(config: StreamConfig, encoder: LabelEncoder, prevalence: dict) -> tuple[dict, int] | None:

@@ -250,6 +250,9 @@ def after_optimizer_step(run: Run, window: dict, started: float) -> None:
         save_checkpoint(run)
         if accelerator.is_main_process:
             write_json_atomic(run.run_dir / "preempted.json", {"step": state.step, "exit_code": EXIT_REQUEUE})
+        # No rank leaves before the marker exists: the launcher (or srun --kill-on-bad-exit) stops
+        # the others as soon as one exits, and the requeue decision reads the marker.
+        accelerator.wait_for_everyone()
         accelerator.print(f"preempted: checkpoint at step {state.step} saved; exiting {EXIT_REQUEUE}")
         raise Preempted
 

@@ -1,0 +1,216 @@
+"""A real one-node SLURM on loopback for the launch tests: munged, slurmctld and slurmd from
+Debian's `slurm-wlm` and `munge`, each on its own socket/ports under one folder, so a system
+SLURM (if any) is left alone. Needs root (slurmd starts jobs as the submitting user).
+
+    cluster = LocalSlurm(tmp_dir); cluster.start(); job = cluster.sbatch([...]); cluster.stop()
+
+Also usable by hand: `python -m tests.slurm_cluster DIR` starts one and prints the environment
+to export (SLURM_CONF), then waits for Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
+
+
+def missing_binaries() -> list[str]:
+    return [name for name in BINARIES if shutil.which(name) is None
+            and not Path("/usr/sbin", name).exists()]
+
+
+def _binary(name: str) -> str:
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _memory_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    raise RuntimeError("no MemTotal in /proc/meminfo")
+
+
+@dataclass
+class Job:
+    job_id: int
+    output: Path
+
+
+@dataclass
+class LocalSlurm:
+    root: Path
+    node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "slurm.conf"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return os.environ | {"SLURM_CONF": str(self.conf)}
+
+    def write_config(self) -> None:
+        for sub in ("state", "spool", "log", "munge"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        (self.root / "munge").chmod(0o700)
+        cpus = max(2, os.cpu_count() or 2)
+        memory = max(8192, _memory_mb() - 1024)  # the tests ask for --mem=8G
+        lines = [
+            "ClusterName=cxrbench-test",
+            f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmctldPort={_free_port()}",
+            f"SlurmdPort={_free_port()}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            f"AuthInfo=socket={self.root / 'munge' / 'munge.socket'}",
+            f"StateSaveLocation={self.root / 'state'}",
+            f"SlurmdSpoolDir={self.root / 'spool'}",
+            f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
+            f"SlurmdPidFile={self.root / 'slurmd.pid'}",
+            f"SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}",
+            f"SlurmdLogFile={self.root / 'log' / 'slurmd.log'}",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core_Memory",
+            "MpiDefault=none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "SlurmdParameters=config_overrides",
+            "ReturnToService=2",
+            "JobRequeue=1",
+            "MinJobAge=3600",  # finished jobs stay visible to `scontrol show job` (no accounting here)
+            "KillWait=10",
+            "SchedulerParameters=sched_interval=1",
+            "SlurmctldTimeout=30",
+            "SlurmdTimeout=30",
+            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN",
+            f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+        ]
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def start(self, timeout: float = 60) -> None:
+        """Write the config, start the three daemons and wait until the node is idle."""
+        self.write_config()
+        munge = self.root / "munge"
+        key = munge / "munge.key"
+        if not key.exists():
+            subprocess.run([_binary("mungekey"), "--create", f"--keyfile={key}"], check=True,
+                           capture_output=True)
+        key.chmod(0o600)
+        self._spawn([_binary("munged"), "--foreground", "--force", f"--socket={munge / 'munge.socket'}",
+                     f"--key-file={key}", f"--pid-file={munge / 'munged.pid'}",
+                     f"--log-file={munge / 'munged.log'}", f"--seed-file={munge / 'munged.seed'}"], "munged")
+        self._wait((munge / "munge.socket").exists, 20, "munged did not open its socket")
+        self._spawn([_binary("slurmctld"), "-D", "-c", "-i", "-f", str(self.conf)], "slurmctld")
+        self._spawn([_binary("slurmd"), "-D", "-f", str(self.conf), "-N", self.node], "slurmd")
+        self._wait(self._node_idle, timeout, "the SLURM node did not become idle")
+
+    def _spawn(self, argv: list[str], name: str) -> None:
+        log = (self.root / "log" / f"{name}.stdout").open("w")
+        self.processes.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                               start_new_session=True))
+
+    def _wait(self, predicate, timeout: float, message: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            for process in self.processes:
+                if process.poll() is not None:
+                    name = Path(process.args[0]).name
+                    raise RuntimeError(f"{message}: {name} exited {process.returncode}; "
+                                       f"logs in {self.root / 'log'}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{message} within {timeout:.0f} s; logs in {self.root / 'log'}")
+            time.sleep(0.3)
+
+    def _node_idle(self) -> bool:
+        result = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                                env=self.env, check=False)
+        return result.returncode == 0 and result.stdout.strip().startswith("idle")
+
+    def stop(self) -> None:
+        """Cancel what is left, stop the daemons by PID, and any job process they left behind."""
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["scancel", "--user", "root", "--full"], env=self.env, timeout=10,
+                           capture_output=True, check=False)
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=10)
+        self.processes.clear()
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def sbatch(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Job:
+        """Submit; `argv` is what follows `sbatch` (options, then the script)."""
+        output = self.root / "jobs" / f"job-{time.monotonic_ns()}.out"
+        output.parent.mkdir(exist_ok=True)
+        result = subprocess.run(["sbatch", "--parsable", f"--output={output}", *argv],
+                                capture_output=True, text=True, env=self.env | (env or {}), cwd=cwd,
+                                check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"sbatch failed: {result.stderr.strip()}")
+        return Job(int(result.stdout.strip().split(";")[0]), output)
+
+    def show(self, job: Job) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...)."""
+        result = subprocess.run(["scontrol", "show", "job", "--oneliner", str(job.job_id)],
+                                capture_output=True, text=True, env=self.env, check=False)
+        return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
+
+    def wait(self, job: Job, timeout: float = 600, states: tuple[str, ...] = ("COMPLETED", "FAILED",
+             "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.show(job)
+            if info.get("JobState") in states:
+                return info
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job.job_id} still {info.get('JobState')} after {timeout:.0f} s:\n"
+                                   + self.log(job)[-3000:])
+            time.sleep(0.5)
+
+    def signal(self, job: Job, name: str = "USR1") -> None:
+        """What SLURM does at `--signal=USR1@grace`: signal the job's steps (not the batch shell)."""
+        subprocess.run(["scancel", f"--signal={name}", str(job.job_id)], env=self.env, check=True,
+                       capture_output=True)
+
+    @staticmethod
+    def log(job: Job) -> str:
+        return job.output.read_text(errors="replace") if job.output.exists() else "(no output yet)"
+
+
+def main() -> None:  # pragma: no cover - a manual aid
+    cluster = LocalSlurm(Path(sys.argv[1]).resolve())
+    cluster.start()
+    print(f"export SLURM_CONF={cluster.conf}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
