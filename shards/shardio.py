@@ -98,6 +98,16 @@ def write_json_atomic(path: Path, payload: object) -> None:
     temp.replace(path)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Readers never see a half-written report or table: temp name, fsync, rename."""
+    temp = path.with_name(f".{path.name}.tmp")
+    with temp.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temp.replace(path)
+
+
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     temp = path.with_name(f".{path.name}.tmp")
     with temp.open("w", encoding="utf-8") as handle:

@@ -46,3 +46,23 @@ def chexpert_shards(chexpert_root: Path, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="session")
 def pneumonia_shards(pneumonia_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _pack("pneumonia", pneumonia_root, tmp_path_factory.mktemp("pneumonia-shards"))
+
+
+# A larger synthetic CheXpert (400 patients) where a tiny model has something to learn: the
+# trainer, sweep and explain tests share it.
+@pytest.fixture(scope="session")
+def learn_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("learn-src")
+    generate_chexpert(ChexpertOptions(out=root, patients=400, size=128, seed=0))
+    return root
+
+
+def pack_to(root: Path, out: Path) -> Path:
+    pack(PackOptions(layout="chexpert", root=root, out=out, size=96, shard_samples=128, workers=2),
+         print_=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def learn_shards(learn_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pack_to(learn_source, tmp_path_factory.mktemp("learn-shards"))

@@ -5,7 +5,7 @@ SLURM (if any) is left alone. Needs root (slurmd starts jobs as the submitting u
     cluster = LocalSlurm(tmp_dir); cluster.start(); job = cluster.sbatch([...]); cluster.stop()
 
 Also usable by hand: `python -m tests.slurm_cluster DIR` starts one and prints the environment
-to export (SLURM_CONF), then waits for Ctrl-C.
+to export (SLURM_CONF), then waits for Ctrl-C or SIGTERM and stops the daemons.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -202,6 +203,7 @@ class LocalSlurm:
 
 
 def main() -> None:  # pragma: no cover - a manual aid
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on kill, too
     cluster = LocalSlurm(Path(sys.argv[1]).resolve())
     cluster.start()
     print(f"export SLURM_CONF={cluster.conf}", flush=True)

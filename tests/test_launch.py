@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -195,3 +196,27 @@ def test_scripts_are_shellcheck_clean() -> None:
     result = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=ROOT,
                             check=False)
     assert result.returncode == 0, result.stdout
+
+
+def test_ray_sweep_script_runs_a_sweep_and_stops_ray(slurm: LocalSlurm, chexpert_shards: Path,
+                                                     tmp_path: Path) -> None:
+    """launch/ray_sweep.sh on one node: a Ray head (srun step), the sweep driver against it, Ray
+    stopped at the end. (A second node's `ray start --address` needs a second host.)"""
+    storage = tmp_path / "sweeps"
+    env = {"SPACE": str(ROOT / "sweeps" / "spaces" / "demo_cpu.yaml"), "NAME": "slurm",
+           "STORAGE": str(storage),
+           "TRIALS": "2", "GPUS_PER_NODE": "0", "CXR_VENV": str(Path(sys.executable).parents[1]),
+           "EXTRA_ARGS": f"data.shards={chexpert_shards} data.batch_size=8 optim.epochs=1"}
+    job = slurm.sbatch(["--nodes=1", *CPU_ALLOCATION, str(LAUNCH / "ray_sweep.sh")], env=env, cwd=ROOT)
+    info = slurm.wait(job, timeout=420)
+    log = LocalSlurm.log(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    rows = (storage / "slurm" / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and (storage / "slurm" / "best.yaml").is_file()
+    address = re.search(r"Ray head (\S+)", log).group(1)  # this job's GCS address, in every Ray daemon's argv
+
+    def ray_gone() -> bool:
+        found = subprocess.run(["pgrep", "-f", address], capture_output=True, text=True, check=False)
+        return not found.stdout.strip()
+
+    wait_for(ray_gone, timeout=60)

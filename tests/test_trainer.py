@@ -16,32 +16,13 @@ from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from shards.labels import CHEXPERT_LABELS, COMPETITION5
-from shards.pack import PackOptions, pack
-from shards.synth import ChexpertOptions, generate_chexpert
+from tests.conftest import pack_to
 from tests.trainer_helpers import DEMO, DEMO_VIT, best_val, kill_group, records, start, train, wait_for
 from trainer.config import load_config
 
 pytestmark = pytest.mark.slow
 BAR = 0.8
 """Validation macro AUROC a model must reach to count as having learned the synthetic data."""
-
-
-@pytest.fixture(scope="session")
-def learn_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("learn-src")
-    generate_chexpert(ChexpertOptions(out=root, patients=400, size=128, seed=0))
-    return root
-
-
-def pack_to(root: Path, out: Path) -> Path:
-    pack(PackOptions(layout="chexpert", root=root, out=out, size=96, shard_samples=128, workers=2),
-         print_=lambda _: None)
-    return out
-
-
-@pytest.fixture(scope="session")
-def learn_shards(learn_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return pack_to(learn_source, tmp_path_factory.mktemp("learn-shards"))
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        if threading.current_thread() is not threading.main_thread():
+            return  # a Ray Tune trial runs in a thread: Tune stops and restores trials itself
         for signum in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(signum, self._handle)
 

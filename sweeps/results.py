@@ -1,0 +1,135 @@
+"""A finished (or interrupted) sweep → results.csv, results.md (sorted by the metric) and best.yaml.
+
+Read from the trials' own run directories (config.yaml, metrics.jsonl), not from Ray's state, so
+the table is the same whether Tune finished, was restored, or is read again later.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from shards.shardio import write_text_atomic
+from trainer.config import load_config
+
+
+@dataclass
+class TrialRow:
+    trial: str
+    trial_id: str
+    params: dict
+    best: float | None
+    best_epoch: int | None
+    epochs: int
+    max_epochs: int
+    status: str
+    run_dir: Path
+
+
+def collect(trials_dir: Path, metric: str) -> list[TrialRow]:
+    """One row per trial directory (its trial.json: Tune's trial id and the sampled params);
+    trials whose metrics are missing or unreadable are kept with status 'no metrics'."""
+    rows = []
+    for run_dir in sorted(p for p in trials_dir.iterdir() if p.is_dir()) if trials_dir.is_dir() else []:
+        records = _records(run_dir / "metrics.jsonl")
+        try:
+            info = json.loads((run_dir / "trial.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            info = {}
+        val = [r for r in records if r.get("split") == "val"]
+        values = [(r.get(metric), i + 1) for i, r in enumerate(val)
+                  if isinstance(r.get(metric), int | float) and math.isfinite(r[metric])]
+        best, best_epoch = max(values) if values else (None, None)
+        max_epochs = _max_epochs(run_dir)
+        if not val:
+            status = "no metrics"
+        elif len(val) < max_epochs:
+            status = "stopped early"
+        else:
+            status = "finished"
+        rows.append(TrialRow(
+            trial=run_dir.name, trial_id=info.get("trial_id", ""), params=info.get("params", {}),
+            best=best, best_epoch=best_epoch,
+            epochs=len(val), max_epochs=max_epochs,
+            status=status, run_dir=run_dir))
+    rows.sort(key=lambda row: (row.best is None, -(row.best or 0.0), row.trial))
+    return rows
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _max_epochs(run_dir: Path) -> int:
+    try:
+        return int(yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["epochs"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return 0
+
+
+def write_tables(rows: list[TrialRow], out: Path, metric: str, times: dict[str, float]) -> None:
+    keys = sorted({key for row in rows for key in row.params})
+    header = ["rank", "trial", *keys, f"val_{metric}", "best_epoch", "epochs", "max_epochs",
+              "status", "seconds", "run_dir"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    table = []
+    for rank, row in enumerate(rows, 1):
+        seconds = times.get(row.trial_id)
+        params = (_param_cell(k, row.params.get(k, "")) for k in keys)
+        cells = [rank, row.trial, *params, _fmt(row.best), row.best_epoch or "",
+                 row.epochs, row.max_epochs, row.status,
+                 "" if seconds is None else f"{seconds:.1f}", str(row.run_dir)]
+        writer.writerow(cells)
+        table.append([_short(c) for c in cells[:-1]])
+    write_text_atomic(out / "results.csv", buffer.getvalue())
+    lines = [f"# Sweep results: {out.name}", "",
+             f"Sorted by the best validation {metric} over epochs; `stopped early` = ended by ASHA.",
+             "The sweep never looks at the test split: train best.yaml for test figures.", "",
+             "| " + " | ".join(header[:-1]) + " |", "|" + "---|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table]
+    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
+
+
+def write_best(rows: list[TrialRow], out: Path, name: str) -> Path | None:
+    """The best trial's resolved config as a ready trainer YAML (fresh run dir, no resume)."""
+    for row in rows:
+        config_file = row.run_dir / "config.yaml"
+        if row.best is None or not config_file.is_file():
+            continue
+        fresh = [f"run.dir=runs/{name}-best", "run.resume=never", "run.test_at_end=true"]
+        cfg = load_config(config_file, fresh)
+        text = (f"# Best trial of sweep {name}: {row.trial}, val {row.best:.4f}.\n"
+                f"# Train it in full: python trainer/run.py --config {out / 'best.yaml'}\n")
+        write_text_atomic(out / "best.yaml", text + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return out / "best.yaml"
+    return None
+
+
+def _param_cell(key: str, value: object) -> object:
+    """A sampled base config shows as its preset name (resnet50), not a path."""
+    return Path(str(value)).stem if key == "config" and value else value
+
+
+def _short(cell: object) -> str:
+    """Sampled floats to 3 significant digits in the markdown table (the CSV keeps them whole)."""
+    return f"{cell:.3g}" if isinstance(cell, float) else str(cell)
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
