@@ -157,8 +157,9 @@ def _init_ray(ray, args: argparse.Namespace) -> None:
     if args.address == "local":
         dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if args.dashboard else {
             "include_dashboard": False}
-        ray.init(num_cpus=os.cpu_count(), object_store_memory=256 * 2**20, log_to_driver=False,
-                 configure_logging=True, logging_level=logging.WARNING, **dashboard)
+        # address="local": always a fresh cluster here, never one left running by someone else.
+        ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=256 * 2**20,
+                 log_to_driver=False, configure_logging=True, logging_level=logging.WARNING, **dashboard)
     else:
         ray.init(address=args.address, log_to_driver=False, logging_level=logging.WARNING)
 
