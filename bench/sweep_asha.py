@@ -24,30 +24,57 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def space(path: Path, scheduler: str, epochs: int) -> Path:
-    path.write_text(yaml.safe_dump({
-        "base": "trainer/configs/demo_cpu.yaml", "metric": "auroc_macro", "search": "grid",
-        "scheduler": {"type": scheduler, "grace_period": 1, "reduction_factor": 2},
-        "resources": {"cpu": 1},
-        "fixed": {"optim.epochs": epochs, "data.workers": 0, "run.log_every": 50, "run.keep_last": 1},
-        "params": {"model.freeze": {"grid": ["full", "head+last_block"]},
-                   "optim.lr": {"grid": [1e-5, 1e-4, 1e-3, 1e-2]}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": "trainer/configs/demo_cpu.yaml",
+                "metric": "auroc_macro",
+                "search": "grid",
+                "scheduler": {"type": scheduler, "grace_period": 1, "reduction_factor": 2},
+                "resources": {"cpu": 1},
+                "fixed": {"optim.epochs": epochs, "data.workers": 0, "run.log_every": 50, "run.keep_last": 1},
+                "params": {
+                    "model.freeze": {"grid": ["full", "head+last_block"]},
+                    "optim.lr": {"grid": [1e-5, 1e-4, 1e-3, 1e-2]},
+                },
+            }
+        )
+    )
     return path
 
 
 def run(scheduler: str, shards: Path, storage: Path, epochs: int) -> dict:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "sweeps.run", "--space", str(space(storage / f"{scheduler}.yaml",
-                    scheduler, epochs)), "--address", "local", "--name", scheduler, "--storage", str(storage),
-                    f"data.shards={shards}"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweeps.run",
+            "--space",
+            str(space(storage / f"{scheduler}.yaml", scheduler, epochs)),
+            "--address",
+            "local",
+            "--name",
+            scheduler,
+            "--storage",
+            str(storage),
+            f"data.shards={shards}",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     seconds = time.perf_counter() - started
     with (storage / scheduler / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     best = rows[0]
-    return {"seconds": seconds, "trial_epochs": sum(int(r["epochs"]) for r in rows),
-            "stopped": sum(r["status"] == "stopped early" for r in rows),
-            "best": (best["model.freeze"], float(best["optim.lr"])),
-            "best_val": float(best["val_auroc_macro"])}
+    return {
+        "seconds": seconds,
+        "trial_epochs": sum(int(r["epochs"]) for r in rows),
+        "stopped": sum(r["status"] == "stopped early" for r in rows),
+        "best": (best["model.freeze"], float(best["optim.lr"])),
+        "best_val": float(best["val_auroc_macro"]),
+    }
 
 
 def main() -> None:
@@ -59,8 +86,10 @@ def main() -> None:
         fifo = run("none", args.shards.resolve(), Path(folder), args.epochs)
         asha = run("asha", args.shards.resolve(), Path(folder), args.epochs)
     print(f"{'':14}{'to completion':>16}{'ASHA':>12}{'ratio':>8}")
-    print(f"{'trial-epochs':14}{fifo['trial_epochs']:>16}{asha['trial_epochs']:>12}"
-          f"{asha['trial_epochs'] / fifo['trial_epochs']:>8.2f}")
+    print(
+        f"{'trial-epochs':14}{fifo['trial_epochs']:>16}{asha['trial_epochs']:>12}"
+        f"{asha['trial_epochs'] / fifo['trial_epochs']:>8.2f}"
+    )
     ratio = asha["seconds"] / fifo["seconds"]
     print(f"{'wall s':14}{fifo['seconds']:>16.0f}{asha['seconds']:>12.0f}{ratio:>8.2f}")
     print(f"{'stopped early':14}{fifo['stopped']:>16}{asha['stopped']:>12}")

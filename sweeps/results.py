@@ -43,8 +43,11 @@ def collect(trials_dir: Path, metric: str) -> list[TrialRow]:
         except (OSError, json.JSONDecodeError):
             info = {}
         val = [r for r in records if r.get("split") == "val"]
-        values = [(r.get(metric), i + 1) for i, r in enumerate(val)
-                  if isinstance(r.get(metric), int | float) and math.isfinite(r[metric])]
+        values = [
+            (r.get(metric), i + 1)
+            for i, r in enumerate(val)
+            if isinstance(r.get(metric), int | float) and math.isfinite(r[metric])
+        ]
         best, best_epoch = max(values) if values else (None, None)
         max_epochs = _max_epochs(run_dir)
         if not val:
@@ -53,11 +56,19 @@ def collect(trials_dir: Path, metric: str) -> list[TrialRow]:
             status = "stopped early"
         else:
             status = "finished"
-        rows.append(TrialRow(
-            trial=run_dir.name, trial_id=info.get("trial_id", ""), params=info.get("params", {}),
-            best=best, best_epoch=best_epoch,
-            epochs=len(val), max_epochs=max_epochs,
-            status=status, run_dir=run_dir))
+        rows.append(
+            TrialRow(
+                trial=run_dir.name,
+                trial_id=info.get("trial_id", ""),
+                params=info.get("params", {}),
+                best=best,
+                best_epoch=best_epoch,
+                epochs=len(val),
+                max_epochs=max_epochs,
+                status=status,
+                run_dir=run_dir,
+            )
+        )
     rows.sort(key=lambda row: (row.best is None, -(row.best or 0.0), row.trial))
     return rows
 
@@ -83,8 +94,18 @@ def _max_epochs(run_dir: Path) -> int:
 
 def write_tables(rows: list[TrialRow], out: Path, metric: str, times: dict[str, float]) -> None:
     keys = sorted({key for row in rows for key in row.params})
-    header = ["rank", "trial", *keys, f"val_{metric}", "best_epoch", "epochs", "max_epochs",
-              "status", "seconds", "run_dir"]
+    header = [
+        "rank",
+        "trial",
+        *keys,
+        f"val_{metric}",
+        "best_epoch",
+        "epochs",
+        "max_epochs",
+        "status",
+        "seconds",
+        "run_dir",
+    ]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
@@ -92,16 +113,30 @@ def write_tables(rows: list[TrialRow], out: Path, metric: str, times: dict[str, 
     for rank, row in enumerate(rows, 1):
         seconds = times.get(row.trial_id)
         params = (_param_cell(k, row.params.get(k, "")) for k in keys)
-        cells = [rank, row.trial, *params, _fmt(row.best), row.best_epoch or "",
-                 row.epochs, row.max_epochs, row.status,
-                 "" if seconds is None else f"{seconds:.1f}", str(row.run_dir)]
+        cells = [
+            rank,
+            row.trial,
+            *params,
+            _fmt(row.best),
+            row.best_epoch or "",
+            row.epochs,
+            row.max_epochs,
+            row.status,
+            "" if seconds is None else f"{seconds:.1f}",
+            str(row.run_dir),
+        ]
         writer.writerow(cells)
         table.append([_short(c) for c in cells[:-1]])
     write_text_atomic(out / "results.csv", buffer.getvalue())
-    lines = [f"# Sweep results: {out.name}", "",
-             f"Sorted by the best validation {metric} over epochs; `stopped early` = ended by ASHA.",
-             "The sweep never looks at the test split: train best.yaml for test figures.", "",
-             "| " + " | ".join(header[:-1]) + " |", "|" + "---|" * (len(header) - 1)]
+    lines = [
+        f"# Sweep results: {out.name}",
+        "",
+        f"Sorted by the best validation {metric} over epochs; `stopped early` = ended by ASHA.",
+        "The sweep never looks at the test split: train best.yaml for test figures.",
+        "",
+        "| " + " | ".join(header[:-1]) + " |",
+        "|" + "---|" * (len(header) - 1),
+    ]
     lines += ["| " + " | ".join(cells) + " |" for cells in table]
     write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
 
@@ -114,8 +149,10 @@ def write_best(rows: list[TrialRow], out: Path, name: str) -> Path | None:
             continue
         fresh = [f"run.dir=runs/{name}-best", "run.resume=never", "run.test_at_end=true"]
         cfg = load_config(config_file, fresh)
-        text = (f"# Best trial of sweep {name}: {row.trial}, val {row.best:.4f}.\n"
-                f"# Train it in full: python trainer/run.py --config {out / 'best.yaml'}\n")
+        text = (
+            f"# Best trial of sweep {name}: {row.trial}, val {row.best:.4f}.\n"
+            f"# Train it in full: python trainer/run.py --config {out / 'best.yaml'}\n"
+        )
         write_text_atomic(out / "best.yaml", text + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return out / "best.yaml"
     return None

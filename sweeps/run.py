@@ -27,29 +27,40 @@ from trainer.config import ConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sweeps.run", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser = argparse.ArgumentParser(
+        prog="python -m sweeps.run",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     parser.add_argument("--space", required=True, type=Path, help="search space YAML (sweeps/spaces/)")
-    parser.add_argument("--trials", type=int,
-                        help="optuna: number of trials; grid: repeats [from the space]")
-    parser.add_argument("--gpus-per-trial", type=float, help="GPUs per trial; > 1 runs a trial on that many "
-                        "ranks [the space's resources.gpu]")
+    parser.add_argument("--trials", type=int, help="optuna: number of trials; grid: repeats [from the space]")
+    parser.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="GPUs per trial; > 1 runs a trial on that many ranks [the space's resources.gpu]",
+    )
     parser.add_argument("--cpus-per-trial", type=float, help="[the space's resources.cpu]")
-    parser.add_argument("--address", default="local",
-                        help="local (start Ray here), auto (join the cluster `ray start` made), "
-                        "or ray://host:port")
+    parser.add_argument(
+        "--address",
+        default="local",
+        help="local (start Ray here), auto (join the cluster `ray start` made), or ray://host:port",
+    )
     parser.add_argument("--name", help="sweep name [the space file's name]")
-    parser.add_argument("--storage", type=Path, default=Path("runs/sweeps"),
-                        help="where sweeps live [runs/sweeps]")
+    parser.add_argument(
+        "--storage", type=Path, default=Path("runs/sweeps"), help="where sweeps live [runs/sweeps]"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep STORAGE/NAME")
     parser.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial [2]")
     parser.add_argument("--seed", type=int, default=0, help="Optuna sampler seed [0]")
-    parser.add_argument("--dashboard", action="store_true",
-                        help="with --address local: start the Ray dashboard on 127.0.0.1:8265 "
-                        "(needs ray[default])")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="applied to every trial's config")
+    parser.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="with --address local: start the Ray dashboard on 127.0.0.1:8265 (needs ray[default])",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="applied to every trial's config"
+    )
     return parser
 
 
@@ -79,8 +90,10 @@ def _apply_arguments(space: SearchSpace, args: argparse.Namespace) -> None:
     if args.cpus_per_trial is not None:
         space.cpu = args.cpus_per_trial
     space.base = _resolve(space.base) if space.base else None
-    space.params = [Param(p.key, p.kind, tuple(_resolve(v) for v in p.values)) if p.key == CONFIG_PARAM else p
-                    for p in space.params]
+    space.params = [
+        Param(p.key, p.kind, tuple(_resolve(v) for v in p.values)) if p.key == CONFIG_PARAM else p
+        for p in space.params
+    ]
 
 
 def _resolve(path: str) -> str:
@@ -123,8 +136,9 @@ def _check_storage(out: Path, resume: bool) -> None:
         raise SpaceError(f"sweep {out} exists: pass --resume to continue it, or another --name")
 
 
-def sweep(space: SearchSpace, overrides: list[str], out: Path, max_epochs: int,
-          args: argparse.Namespace) -> int:
+def sweep(
+    space: SearchSpace, overrides: list[str], out: Path, max_epochs: int, args: argparse.Namespace
+) -> int:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses ≤ 2 s of sweep state
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -133,33 +147,60 @@ def sweep(space: SearchSpace, overrides: list[str], out: Path, max_epochs: int,
 
     _init_ray(ray, args)
     ranks = space.ranks or (int(space.gpu) if space.gpu > 1 else 1)
-    setup = TrialSetup(base=space.base, overrides=tuple(overrides), trials_dir=str(out / "trials"),
-                       metric=space.metric, cwd=str(Path.cwd()), ranks=ranks, cpus=max(1, int(space.cpu)))
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
-                                    {"cpu": space.cpu, "gpu": space.gpu})
+    setup = TrialSetup(
+        base=space.base,
+        overrides=tuple(overrides),
+        trials_dir=str(out / "trials"),
+        metric=space.metric,
+        cwd=str(Path.cwd()),
+        ranks=ranks,
+        cpus=max(1, int(space.cpu)),
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup), {"cpu": space.cpu, "gpu": space.gpu}
+    )
     if args.resume:
         tuner = tune.Tuner.restore(str(out), trainable=trainable, resume_errored=True)
         print(f"resuming sweep {out}")
     else:
-        tuner = tune.Tuner(trainable, param_space=space.tune_space(),
-                           tune_config=_tune_config(space, max_epochs, args.seed),
-                           run_config=tune.RunConfig(
-                               name=out.name, storage_path=str(out.parent), verbose=1,
-                               failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                               checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space.tune_space(),
+            tune_config=_tune_config(space, max_epochs, args.seed),
+            run_config=tune.RunConfig(
+                name=out.name,
+                storage_path=str(out.parent),
+                verbose=1,
+                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            ),
+        )
     grid = tuner.fit()
-    times = {str(r.metrics["trial_id"]): float(r.metrics.get("time_total_s") or 0.0)
-             for r in grid if r.metrics and "trial_id" in r.metrics}
+    times = {
+        str(r.metrics["trial_id"]): float(r.metrics.get("time_total_s") or 0.0)
+        for r in grid
+        if r.metrics and "trial_id" in r.metrics
+    }
     return _write_outputs(out, space, times)
 
 
 def _init_ray(ray, args: argparse.Namespace) -> None:
     if args.address == "local":
-        dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if args.dashboard else {
-            "include_dashboard": False}
+        dashboard = (
+            {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
+            if args.dashboard
+            else {"include_dashboard": False}
+        )
         # address="local": always a fresh cluster here, never one left running by someone else.
-        ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=256 * 2**20,
-                 log_to_driver=False, configure_logging=True, logging_level=logging.WARNING, **dashboard)
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            object_store_memory=256 * 2**20,
+            log_to_driver=False,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+            **dashboard,
+        )
     else:
         ray.init(address=args.address, log_to_driver=False, logging_level=logging.WARNING)
 
@@ -175,14 +216,23 @@ def _tune_config(space: SearchSpace, max_epochs: int, seed: int):
 
         search = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
     if space.scheduler["type"] == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
-                                  grace_period=min(max_epochs, space.scheduler["grace_period"]),
-                                  reduction_factor=space.scheduler["reduction_factor"])
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_epochs,
+            grace_period=min(max_epochs, space.scheduler["grace_period"]),
+            reduction_factor=space.scheduler["reduction_factor"],
+        )
     else:
         scheduler = FIFOScheduler()
     # As many trials at once as the cluster's CPUs/GPUs allow for each trial's resources.
-    return tune.TuneConfig(metric=space.metric, mode="max", search_alg=search, scheduler=scheduler,
-                           num_samples=space.trials, reuse_actors=False)
+    return tune.TuneConfig(
+        metric=space.metric,
+        mode="max",
+        search_alg=search,
+        scheduler=scheduler,
+        num_samples=space.trials,
+        reuse_actors=False,
+    )
 
 
 def _write_outputs(out: Path, space: SearchSpace, times: dict[str, float]) -> int:
@@ -192,8 +242,9 @@ def _write_outputs(out: Path, space: SearchSpace, times: dict[str, float]) -> in
     write_tables(rows, out, space.metric, times)
     best = write_best(rows, out, out.name)
     stopped = sum(r.status == "stopped early" for r in rows)
-    print(f"sweep {out.name}: {len(rows)} trials, {stopped} stopped early by ASHA; "
-          f"table {out / 'results.md'}")
+    print(
+        f"sweep {out.name}: {len(rows)} trials, {stopped} stopped early by ASHA; table {out / 'results.md'}"
+    )
     if best is None:
         print("no trial produced a validation metric: no best.yaml", file=sys.stderr)
         return 1

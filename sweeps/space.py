@@ -115,8 +115,9 @@ def load_space(path: str | Path) -> SearchSpace:
     space.params = [_param(path, key, spec) for key, spec in params.items()]
     kinds = {p.kind for p in space.params}
     if space.search == "grid" and kinds - {"grid"}:
-        raise SpaceError(f"{path}: search: grid needs every param as {{grid: [...]}}, "
-                         f"found {sorted(kinds - {'grid'})[0]}")
+        raise SpaceError(
+            f"{path}: search: grid needs every param as {{grid: [...]}}, found {sorted(kinds - {'grid'})[0]}"
+        )
     if space.search == "optuna" and "grid" in kinds:
         raise SpaceError(f"{path}: a grid param needs search: grid (optuna samples choice/loguniform/...)")
     if space.base is None and not any(p.key == CONFIG_PARAM for p in space.params):
@@ -208,8 +209,9 @@ def _check_key(path: Path, where: str, key: str) -> None:
         if part not in fields:
             prefix = ".".join(parts[:i])
             options = ", ".join(f"{prefix + '.' if prefix else ''}{name}" for name in fields)
-            raise SpaceError(f"{path}: {where}: {key!r} is not a trainer config key "
-                             f"(expected one of: {options})")
+            raise SpaceError(
+                f"{path}: {where}: {key!r} is not a trainer config key (expected one of: {options})"
+            )
         kind = typing.get_type_hints(node)[part]
         if i < len(parts) - 1:
             if not dataclasses.is_dataclass(kind):

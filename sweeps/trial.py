@@ -103,9 +103,24 @@ def _run_ranks(cfg, run_dir: Path, setup: TrialSetup) -> None:
     mode = ["--multi_gpu"]
     if not gpus:
         env["ACCELERATE_USE_CPU"] = "1"  # --cpu alone would run one process (platform-facts.md)
-    command = [accelerate, "launch", *mode, "--num_processes", str(setup.ranks), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-               str(ROOT / "trainer" / "run.py"), "--config", str(config_path)]
+    command = [
+        accelerate,
+        "launch",
+        *mode,
+        "--num_processes",
+        str(setup.ranks),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "trainer" / "run.py"),
+        "--config",
+        str(config_path),
+    ]
     log = (run_dir / "launcher.log").open("a")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     seen = _val_records(run_dir)
@@ -113,7 +128,7 @@ def _run_ranks(cfg, run_dir: Path, setup: TrialSetup) -> None:
         while True:
             done = process.poll() is not None
             records = _val_records(run_dir)
-            for record in records[len(seen):]:
+            for record in records[len(seen) :]:
                 _report(record, setup.metric, run_dir)
             seen = records
             if done:

@@ -22,14 +22,33 @@ DEMO_SPACE = ROOT / "sweeps" / "spaces" / "demo_cpu.yaml"
 
 
 def sweep_command(space: Path, storage: Path, name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "sweeps.run", "--space", str(space), "--address", "local", "--name", name,
-            "--storage", str(storage), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "sweeps.run",
+        "--space",
+        str(space),
+        "--address",
+        "local",
+        "--name",
+        name,
+        "--storage",
+        str(storage),
+        *extra,
+    ]
 
 
-def run_sweep(space: Path, storage: Path, name: str, *extra: str,
-              timeout: int = 420) -> subprocess.CompletedProcess:
-    return subprocess.run(sweep_command(space, storage, name, *extra), capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, check=False)
+def run_sweep(
+    space: Path, storage: Path, name: str, *extra: str, timeout: int = 420
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        sweep_command(space, storage, name, *extra),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def results(storage: Path, name: str) -> list[dict]:
@@ -43,8 +62,9 @@ def write_space(path: Path, **fields: object) -> Path:
 
 
 def test_demo_space_four_trials_write_table_and_best_config(chexpert_shards: Path, tmp_path: Path) -> None:
-    result = run_sweep(DEMO_SPACE, tmp_path, "demo", "--trials", "4", f"data.shards={chexpert_shards}",
-                       "data.batch_size=8")
+    result = run_sweep(
+        DEMO_SPACE, tmp_path, "demo", "--trials", "4", f"data.shards={chexpert_shards}", "data.batch_size=8"
+    )
     assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
     rows = results(tmp_path, "demo")
     assert len(rows) == 4
@@ -68,10 +88,14 @@ def test_demo_space_four_trials_write_table_and_best_config(chexpert_shards: Pat
 def test_asha_stops_a_hopeless_trial_early(learn_shards: Path, tmp_path: Path) -> None:
     # Grid order with two trials at a time: the two good trials reach each rung first, so the
     # trials with an absurdly small learning rate (an untrained model) are judged against them.
-    space = write_space(tmp_path / "asha.yaml", search="grid", resources={"cpu": 1},
-                        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
-                        fixed={"optim.epochs": 3, "data.workers": 0, "run.log_every": 50},
-                        params={"optim.lr": {"grid": [3e-3, 2e-3, 1e-9, 1e-9]}})
+    space = write_space(
+        tmp_path / "asha.yaml",
+        search="grid",
+        resources={"cpu": 1},
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        fixed={"optim.epochs": 3, "data.workers": 0, "run.log_every": 50},
+        params={"optim.lr": {"grid": [3e-3, 2e-3, 1e-9, 1e-9]}},
+    )
     result = run_sweep(space, tmp_path / "sweeps", "asha", f"data.shards={learn_shards}")
     assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
     rows = {float(r["optim.lr"]): r for r in results(tmp_path / "sweeps", "asha")}
@@ -83,17 +107,25 @@ def test_asha_stops_a_hopeless_trial_early(learn_shards: Path, tmp_path: Path) -
     assert best > max(float(r["val_auroc_macro"]) for r in hopeless)
 
 
-def test_killed_sweep_resumes_without_rerunning_finished_trials(chexpert_shards: Path,
-                                                               tmp_path: Path) -> None:
-    space = write_space(tmp_path / "grid.yaml", search="grid", scheduler={"type": "none"},
-                        resources={"cpu": 1},
-                        fixed={"optim.epochs": 3, "data.workers": 0, "data.batch_size": 4,
-                               "run.log_every": 1},
-                        params={"optim.lr": {"grid": [1e-3, 2e-3, 3e-3, 4e-3]}})
+def test_killed_sweep_resumes_without_rerunning_finished_trials(
+    chexpert_shards: Path, tmp_path: Path
+) -> None:
+    space = write_space(
+        tmp_path / "grid.yaml",
+        search="grid",
+        scheduler={"type": "none"},
+        resources={"cpu": 1},
+        fixed={"optim.epochs": 3, "data.workers": 0, "data.batch_size": 4, "run.log_every": 1},
+        params={"optim.lr": {"grid": [1e-3, 2e-3, 3e-3, 4e-3]}},
+    )
     storage = tmp_path / "sweeps"
-    process = subprocess.Popen(sweep_command(space, storage, "grid", f"data.shards={chexpert_shards}"),
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        sweep_command(space, storage, "grid", f"data.shards={chexpert_shards}"),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     trials = storage / "grid" / "trials"
 
     def finished() -> list[Path]:
@@ -124,10 +156,14 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(chexpert_shards:
 def test_a_trial_on_two_ranks(chexpert_shards: Path, tmp_path: Path) -> None:
     """resources.ranks (or gpu > 1): the trial runs accelerate launch on that many processes and
     relays their validation records to Tune; on CPUs, two ranks on gloo."""
-    space = write_space(tmp_path / "ranks.yaml", search="grid", scheduler={"type": "none"},
-                        resources={"cpu": 2, "ranks": 2},
-                        fixed={"optim.epochs": 2, "data.workers": 0, "data.batch_size": 4},
-                        params={"optim.lr": {"grid": [2e-3]}})
+    space = write_space(
+        tmp_path / "ranks.yaml",
+        search="grid",
+        scheduler={"type": "none"},
+        resources={"cpu": 2, "ranks": 2},
+        fixed={"optim.epochs": 2, "data.workers": 0, "data.batch_size": 4},
+        params={"optim.lr": {"grid": [2e-3]}},
+    )
     result = run_sweep(space, tmp_path / "sweeps", "ranks", f"data.shards={chexpert_shards}")
     assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
     (row,) = results(tmp_path / "sweeps", "ranks")
@@ -141,16 +177,22 @@ def test_a_trial_on_two_ranks(chexpert_shards: Path, tmp_path: Path) -> None:
     assert "launcher.log" in {p.name for p in run_dir.iterdir()}
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"params": {"optim.lrate": {"loguniform": [1e-4, 1e-2]}}}, "'optim.lrate' is not a trainer config key"),
-    ({"params": {"optim.lr": {"loguniform": [1e-2, 1e-4]}}}, "expected [low, high] with low < high"),
-    ({"params": {"optim.lr": {"lognormal": [1, 2]}}}, "unknown kind 'lognormal'"),
-    ({"params": {"optim.lr": {"grid": [1e-3]}}}, "a grid param needs search: grid"),
-    ({"search": "random", "params": {"optim.lr": {"choice": [1e-3]}}}, "search: 'random' is not one of"),
-    ({"params": {"model.freeze": {"choice": ["full", "bogus"]}}}, "model.freeze = 'bogus'"),
-    ({"params": {}}, "params: expected a mapping"),
-    ({"trails": 3, "params": {"optim.lr": {"choice": [1e-3]}}}, "unknown key 'trails'"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"params": {"optim.lrate": {"loguniform": [1e-4, 1e-2]}}},
+            "'optim.lrate' is not a trainer config key",
+        ),
+        ({"params": {"optim.lr": {"loguniform": [1e-2, 1e-4]}}}, "expected [low, high] with low < high"),
+        ({"params": {"optim.lr": {"lognormal": [1, 2]}}}, "unknown kind 'lognormal'"),
+        ({"params": {"optim.lr": {"grid": [1e-3]}}}, "a grid param needs search: grid"),
+        ({"search": "random", "params": {"optim.lr": {"choice": [1e-3]}}}, "search: 'random' is not one of"),
+        ({"params": {"model.freeze": {"choice": ["full", "bogus"]}}}, "model.freeze = 'bogus'"),
+        ({"params": {}}, "params: expected a mapping"),
+        ({"trails": 3, "params": {"optim.lr": {"choice": [1e-3]}}}, "unknown key 'trails'"),
+    ],
+)
 def test_bad_space_is_one_line(chexpert_shards: Path, tmp_path: Path, fields: dict, message: str) -> None:
     space = write_space(tmp_path / "bad.yaml", **fields)
     result = run_sweep(space, tmp_path, "bad", f"data.shards={chexpert_shards}", timeout=120)

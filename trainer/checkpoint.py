@@ -44,6 +44,8 @@ class TrainState:
     best_step: int | None = None
     epoch_done: bool = False
     stream: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+    """Wall time spent training (evaluation excluded), summed across resumes: the report's x axis."""
 
 
 class Checkpointer:

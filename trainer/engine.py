@@ -99,6 +99,10 @@ class Run:
     stop: StopRequest
     input_dtype: torch.dtype = torch.float32
     """float32, or the model's own dtype under DeepSpeed bf16 (it casts weights, not activations)."""
+    parameters: tuple[int, int] = (0, 0)
+    """(trainable, total) parameter counts under the freeze strategy, for the model card."""
+    clock: float = 0.0
+    """perf_counter() when training time was last added to state.train_seconds."""
 
     @property
     def binary(self) -> bool:
@@ -180,7 +184,7 @@ def setup(cfg: Config, accelerator: Accelerator) -> Run:
             if buffer.is_floating_point():
                 buffer.data = buffer.data.to(input_dtype)
     return Run(cfg, accelerator, run_dir, model, optimizer, train, val, test, labels, pos_weight, ema,
-               checkpointer, tracker, state, StopRequest(), input_dtype)
+               checkpointer, tracker, state, StopRequest(), input_dtype, (plan.trainable, plan.total))
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
@@ -199,7 +203,7 @@ def train_epoch(run: Run, epoch: int, total_steps: int, warmup: int) -> None:
     bar = tqdm(total=run.train.batches_per_epoch, initial=run.train.next_batch, desc=f"epoch {epoch}",
                disable=not (accelerator.is_local_main_process and sys.stderr.isatty()), leave=False)
     window = {"loss": torch.zeros((), device=accelerator.device), "batches": 0, "images": 0, "wait": 0.0}
-    started = tick = time.perf_counter()
+    started = tick = run.clock = time.perf_counter()
     for batch in run.train.batches(accelerator.device):
         window["wait"] += time.perf_counter() - tick
         if cfg.run.image_grid and state.step == 0 and accelerator.is_main_process:
@@ -234,6 +238,9 @@ def after_optimizer_step(run: Run, window: dict, started: float) -> None:
     """EMA, logging, periodic checkpoint, preemption: everything that happens per optimizer step."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     state.step += 1
+    now = time.perf_counter()
+    state.train_seconds += now - run.clock
+    run.clock = now
     state.samples += cfg.data.batch_size * accelerator.num_processes * cfg.optim.grad_accum
     if run.ema is not None:
         run.ema.update(plain_model(run), step=state.step)
@@ -330,7 +337,8 @@ def evaluate(run: Run, split: str, threshold: float | None = None) -> dict:
         metrics = binary_metrics(predictions, threshold)
     else:
         metrics = multilabel_metrics(run.labels, predictions)
-    record = {"split": split, "epoch": run.state.epoch, "step": run.state.step, **metrics}
+    record = {"split": split, "epoch": run.state.epoch, "step": run.state.step,
+              "train_seconds": round(run.state.train_seconds, 3), **metrics}
     run.tracker.log(record)
     if run.accelerator.is_main_process:
         save_predictions(run.run_dir / f"predictions_{split}.npz", run.labels, predictions)
@@ -373,6 +381,7 @@ def model_card(run: Run, metrics: dict) -> dict:
         "threshold": metrics.get("threshold"), "val_metrics": {k: metrics.get(k) for k in ("auroc_macro",
                                                                                            "auroc_chexpert5")},
         "step": run.state.step, "data": cfg.data.shards,
+        "parameters": {"trainable": run.parameters[0], "total": run.parameters[1]},
         "intended_use": "Research on model comparison only. Not for clinical use.",
     }
 

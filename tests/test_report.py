@@ -1,0 +1,166 @@
+"""The report: its statistics on data with known answers, and `python -m trainer.report` end to
+end on real run directories written by the trainer (plus broken ones)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from tests.trainer_helpers import DEMO, DEMO_VIT, ROOT, train
+from trainer.report import stats
+
+
+def synthetic(patients: int, signal: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two images per patient, a patient-level label, scores = signal × label + noise."""
+    rng = np.random.default_rng(seed)
+    label = rng.random(patients) < 0.3
+    ids = np.repeat(np.arange(patients), 2).astype(str)
+    targets = np.repeat(label, 2).astype(float)
+    scores = signal * targets + rng.normal(size=len(targets))
+    return ids, targets, scores
+
+
+def test_auroc_matches_scikit_learn_with_ties_and_masks() -> None:
+    rng = np.random.default_rng(0)
+    targets = (rng.random(300) < 0.4).astype(float)
+    probs = np.round(rng.random(300) + 0.3 * targets, 1)  # many ties
+    masks = (rng.random(300) < 0.8).astype(float)
+    keep = masks > 0
+    assert stats.auroc(targets, probs, masks) == pytest.approx(roc_auc_score(targets[keep], probs[keep]))
+    assert np.isnan(stats.auroc(np.zeros(10), rng.random(10)))
+
+
+def test_ci_contains_the_estimate_and_shrinks_with_more_patients() -> None:
+    widths = []
+    for patients in (100, 1600):
+        ids, targets, scores = synthetic(patients, 1.0, seed=1)
+        interval = stats.bootstrap(
+            lambda rows, t=targets, s=scores: stats.auroc(t[rows], s[rows]), ids, n=400
+        )
+        assert interval.low <= interval.value <= interval.high
+        widths.append(interval.high - interval.low)
+    assert widths[1] < widths[0] / 2, widths  # ~1/sqrt(16) = a quarter in theory
+
+
+def test_paired_tests_find_a_planted_difference_and_none_against_itself() -> None:
+    ids, targets, good = synthetic(400, 1.5, seed=2)
+    weak = good + np.random.default_rng(3).normal(scale=2.0, size=len(good))  # the same model, plus noise
+
+    def metric(scores: np.ndarray) -> stats.Metric:
+        return lambda rows: stats.auroc(targets[rows], scores[rows])
+
+    planted = stats.paired_bootstrap(metric(good), metric(weak), ids, n=500)
+    assert planted.delta < -0.05 and planted.high < 0 and planted.p_value < 0.01
+    same = stats.paired_bootstrap(metric(good), metric(good), ids, n=200)
+    assert same.delta == 0 and same.p_value == 1.0
+
+    delong = stats.delong(targets, good, weak)
+    assert delong.auc_a == pytest.approx(roc_auc_score(targets, good))
+    assert delong.auc_b == pytest.approx(roc_auc_score(targets, weak))
+    assert delong.p_value < 0.01 and delong.z < 0
+    assert stats.delong(targets, good, good).p_value == 1.0
+    # Two equally good models, independent noise: no difference (a fixed seed keeps this at p ≈ 0.5+).
+    equal = 1.5 * targets + np.random.default_rng(4).normal(size=len(good))
+    assert stats.delong(targets, good, equal).p_value > 0.05
+
+
+def test_ece_is_zero_for_calibrated_and_large_for_overconfident() -> None:
+    rng = np.random.default_rng(5)
+    probs = rng.random(20000)
+    calibrated = (rng.random(20000) < probs).astype(float)
+    assert stats.expected_calibration_error(calibrated, probs)[0] < 0.02
+    assert stats.expected_calibration_error(calibrated, np.where(probs > 0.5, 0.99, 0.01))[0] > 0.2
+
+
+@pytest.fixture(scope="module")
+def run_folder(
+    chexpert_shards: Path, pneumonia_shards: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Real runs by the trainer (one process, one epoch): a CNN and a ViT on CheXpert labels, a CNN
+    on pneumonia; and two broken run directories the report must skip."""
+    root = tmp_path_factory.mktemp("runs")
+    common = ["optim.epochs=2", "data.workers=0", "data.batch_size=8"]
+    for name, config, extra in (
+        ("cnn", DEMO, [f"data.shards={chexpert_shards}"]),
+        ("vit", DEMO_VIT, [f"data.shards={chexpert_shards}"]),
+        ("pneumonia-cnn", DEMO, [f"data.shards={pneumonia_shards}", "data.labels=pneumonia"]),
+    ):
+        result = train(config, [*common, *extra, f"run.dir={root / name}"])
+        assert result.returncode == 0, result.stderr[-3000:]
+    shutil.copytree(root / "cnn", root / "corrupt")
+    (root / "corrupt" / "metrics.jsonl").write_text('{"split": "val"\nnot json\n')
+    shutil.copytree(root / "cnn", root / "unfinished")
+    (root / "unfinished" / "predictions_test.npz").unlink()
+    return root
+
+
+def report(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.report", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_report_end_to_end(run_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    result = report("--runs", str(run_folder), "--out", str(out), "--resamples", "200")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert set(runs) == {"cnn", "vit", "pneumonia-cnn"}
+    for name in ("cnn", "vit"):
+        macro = runs[name]["metrics"]["auroc_macro"]
+        assert macro["ci_low"] <= macro["value"] <= macro["ci_high"]
+        assert runs[name]["trainable_parameters"] > 0 and runs[name]["train_seconds"] > 0
+    pneumonia = runs["pneumonia-cnn"]["metrics"]
+    for name in ("auroc/Pneumonia", "accuracy", "sensitivity", "specificity", "f1"):
+        assert pneumonia[name]["ci_low"] <= pneumonia[name]["value"] <= pneumonia[name]["ci_high"], name
+
+    (pair,) = summary["pairs"]  # the one CNN × ViT pair on the same labels
+    assert (pair["a"], pair["b"]) == ("cnn", "vit") and pair["n"] == runs["cnn"]["n_test"]
+    assert pair["delta"] is not None and 0 <= pair["p_value"] <= 1 and set(pair["delong"]) >= {"Edema"}
+
+    skipped = {Path(s["path"]).name: s["reason"] for s in summary["skipped"]}
+    assert skipped == {
+        "corrupt": "metrics.jsonl line 1: not JSON",
+        "unfinished": "predictions_test.npz missing",
+    }
+
+    assert len(summary["figures"]) >= 10
+    for figure in summary["figures"]:
+        data = (out / figure["file"]).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 2000, figure["file"]
+    markdown = (out / "index.md").read_text()
+    html = (out / "index.html").read_text()
+    for text in (
+        "Test AUROC per model and freeze strategy",
+        "Pneumonia: test metrics",
+        "Paired comparisons",
+        "Published anchors",
+        "0.906",
+        "Skipped runs",
+    ):
+        assert text in markdown
+    assert "<table>" in html and all(f'src="{f["file"]}"' in html for f in summary["figures"])
+
+
+def test_no_usable_run_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "run").mkdir(parents=True)
+    (tmp_path / "empty" / "run" / "config.yaml").write_text("model: {}\n")
+    result = report("--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
+        "error: no usable run"
+    )
+    assert not (tmp_path / "out").exists()

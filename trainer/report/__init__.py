@@ -1,0 +1,1 @@
+"""The paper-style comparison of finished runs: `python -m trainer.report --runs RUNS --out OUT`."""

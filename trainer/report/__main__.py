@@ -1,0 +1,184 @@
+"""`python -m trainer.report --runs RUNS [--runs MORE] --out OUT`: the paper-style comparison of
+finished runs (and the sweeps found under RUNS), written as OUT/index.md, OUT/index.html, PNG
+figures and OUT/summary.json. Reads run directories; never trains. Broken runs are listed with
+the reason and skipped. Exit status: 0 written, 2 bad arguments or no usable run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from shards.shardio import write_json_atomic, write_text_atomic
+from trainer.report import figures
+from trainer.report.analysis import ANCHORS, Settings, compare, pairs, run_metrics
+from trainer.report.render import render_html, render_markdown
+from trainer.report.runs import RunData, find_runs, load_run, load_sweep
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer.report", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        action="append",
+        required=True,
+        help="a run directory or a folder of them (repeatable)",
+    )
+    parser.add_argument(
+        "--sweep",
+        type=Path,
+        action="append",
+        default=[],
+        help="a sweep directory (STORAGE/NAME from sweeps.run) outside --runs (repeatable)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="report folder")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples [1000]")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    missing = [str(p) for p in [*args.runs, *args.sweep] if not p.exists()]
+    if missing:
+        print(f"error: --runs/--sweep {missing[0]}: no such directory", file=sys.stderr)
+        return 2
+    paths, sweeps = find_runs(args.runs)
+    sweeps += [s for s in args.sweep if s not in sweeps]
+    runs, skipped = [], []
+    for path in paths:
+        name = _name(path, paths)
+        try:
+            runs.append(load_run(path, name))
+        except ValueError as err:
+            skipped.append({"path": str(path), "reason": str(err)})
+            print(f"skipped {path}: {err}", file=sys.stderr)
+    if not runs:
+        print(
+            f"error: no usable run under {', '.join(map(str, args.runs))} ({len(skipped)} skipped)",
+            file=sys.stderr,
+        )
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = build(runs, sweeps, skipped, args.out, Settings(args.resamples, args.seed))
+    write_json_atomic(args.out / "summary.json", summary)
+    markdown = render_markdown(summary)
+    write_text_atomic(args.out / "index.md", markdown)
+    write_text_atomic(args.out / "index.html", render_html(markdown, "cxrbench report"))
+    print(
+        f"report: {len(runs)} runs, {len(summary['pairs'])} paired comparisons, "
+        f"{len(summary['figures'])} figures, {len(skipped)} skipped → {args.out / 'index.html'}"
+    )
+    return 0
+
+
+def _name(path: Path, paths: list[Path]) -> str:
+    """The run's folder name, or parent-folder when two runs share a folder name."""
+    clash = sum(p.name == path.name for p in paths) > 1
+    return f"{path.parent.name}-{path.name}" if clash else path.name
+
+
+def build(
+    runs: list[RunData], sweeps: list[Path], skipped: list[dict], out: Path, settings: Settings
+) -> dict:
+    started = time.perf_counter()
+    summaries = [run_metrics(run, settings) for run in runs]
+    primary = (
+        "auroc_macro" if any(len(r.test.labels) > 1 for r in runs) else f"auroc/{runs[0].test.labels[0]}"
+    )
+    val_metric = "auroc_macro"
+    figure_list: list[dict] = []
+
+    def add(path: Path | None, caption: str, missing: str | None = None) -> None:
+        figure_list.append({"file": path.name if path else None, "caption": caption, "missing": missing})
+
+    for run, summary in zip(runs, summaries, strict=True):
+        add(figures.roc_curves(run, out), f"ROC curves per label (test): {run.name}")
+        add(figures.reliability(run, summary["calibration"], out), f"Reliability diagram (test): {run.name}")
+        path = figures.confusion(run, summary.get("at_threshold", {}), out)
+        add(
+            path,
+            f"Confusion matrices at the val-chosen threshold: {run.name}",
+            None if path else "no val predictions to choose a threshold on",
+        )
+    add(
+        figures.learning_curves(runs, val_metric, out), "Learning curves: val metric per epoch, training loss"
+    )
+    path = figures.metric_vs_time(runs, val_metric, out)
+    add(path, "Val metric vs training time (top models)", None if path else "runs predate train_seconds")
+    path = figures.comparison(summaries, primary, out)
+    add(path, "Freeze-strategy comparison: test metric with 95% CI by model and strategy")
+    points, source = _points(runs, summaries, sweeps, primary)
+    for key, title, xlabel, name, log_x in (
+        ("fraction", "Data efficiency", "fraction of training patients", "data_efficiency.png", True),
+        ("augment", "Impact of augmentation", "augmentation policy", "augmentation.png", False),
+        ("lr", "Learning-rate trade-off", "learning rate", "lr_tradeoff.png", True),
+    ):
+        path = figures.by_setting(points, key, f"{title} ({source})", xlabel, out, name, log_x)
+        add(path, f"{title} ({source})", None if path else f"needs runs or sweep trials that vary {key}")
+    compared = [compare(a, b, settings) for a, b in pairs(runs)]
+    return {
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "primary_metric": primary,
+        "resamples": settings.resamples,
+        "runs": summaries,
+        "pairs": compared,
+        "sweeps": [{"path": str(s), "trials": len(load_sweep(s))} for s in sweeps],
+        "figures": [f for f in figure_list if f["file"]],
+        "missing_figures": [f for f in figure_list if not f["file"]],
+        "skipped": skipped,
+        "anchors": ANCHORS,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _points(runs: list[RunData], summaries: list[dict], sweeps: list[Path], primary: str) -> tuple[list, str]:
+    """Setting → metric points for the data-efficiency / augmentation / lr figures: sweep trials
+    (their best val metric) when there are any, else the runs' test metric. Never both mixed."""
+    points = []
+    for sweep in sweeps:
+        for row in load_sweep(sweep):
+            value = _float(next((v for k, v in row.items() if k.startswith("val_")), None))
+            config_file = Path(row.get("run_dir", "")) / "config.yaml"
+            if value is None or not config_file.is_file():
+                continue
+            config = yaml.safe_load(config_file.read_text())
+            points.append(_point(config, value, "best val"))
+    if points:
+        return points, "sweep trials, best val metric"
+    for run, summary in zip(runs, summaries, strict=True):
+        value = (summary["metrics"].get(primary) or {}).get("value")
+        points.append(_point(run.config, value, f"test {primary}"))
+    return points, f"runs, test {primary}"
+
+
+def _point(config: dict, value: float | None, metric: str) -> dict:
+    data, model, optim = config.get("data", {}), config.get("model", {}), config.get("optim", {})
+    return {
+        "model": model.get("name", "?"),
+        "freeze": model.get("freeze", "?"),
+        "value": value,
+        "metric": metric,
+        "fraction": data.get("patient_fraction"),
+        "augment": data.get("augment"),
+        "lr": optim.get("lr"),
+    }
+
+
+def _float(text: object) -> float | None:
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

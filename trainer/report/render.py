@@ -1,0 +1,193 @@
+"""summary.json → index.md (readable as plain markdown) → index.html (markdown-it, tables on)."""
+
+from __future__ import annotations
+
+import html
+
+from markdown_it import MarkdownIt
+
+PNEUMONIA_METRICS = ("auroc/Pneumonia", "accuracy", "sensitivity", "specificity", "f1")
+
+
+def _ci(cell: dict | None) -> str:
+    if not cell or cell.get("value") is None:
+        return "n/a"
+    if cell.get("ci_low") is None:
+        return f"{cell['value']:.3f}"
+    return f"{cell['value']:.3f} [{cell['ci_low']:.3f}, {cell['ci_high']:.3f}]"
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _num(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+    ]
+
+
+def render_markdown(summary: dict) -> str:
+    runs = summary["runs"]
+    lines = [
+        "# cxrbench report",
+        "",
+        f"Generated {summary['generated']} from {len(runs)} runs. Intervals are 95% percentile "
+        f"intervals from {summary['resamples']} bootstrap resamples of test *patients* (all of a "
+        "patient's images together). Synthetic data gives synthetic numbers: compare models with "
+        "each other, not with the published anchors below.",
+        "",
+    ]
+    multilabel = [r for r in runs if r["task"] == "multilabel"]
+    binary = [r for r in runs if r["task"] == "binary"]
+    if multilabel:
+        labels = list(
+            dict.fromkeys(
+                k.split("/", 1)[1] for r in multilabel for k in r["metrics"] if k.startswith("auroc/")
+            )
+        )
+        lines += ["## Test AUROC per model and freeze strategy", ""]
+        header = [
+            "run",
+            "model",
+            "freeze",
+            *labels,
+            "macro",
+            "CheXpert-5",
+            "trainable params",
+            "train min",
+            "img/s",
+        ]
+        rows = [
+            [
+                r["name"],
+                r["model"],
+                r["freeze"],
+                *(_ci(r["metrics"].get(f"auroc/{label}")) for label in labels),
+                _ci(r["metrics"].get("auroc_macro")),
+                _ci(r["metrics"].get("auroc_chexpert5")),
+                _params(r["trainable_parameters"]),
+                _minutes(r["train_seconds"]),
+                _num(r["img_per_s"], ".0f"),
+            ]
+            for r in multilabel
+        ]
+        lines += _table(header, rows)
+    if binary:
+        lines += ["## Pneumonia: test metrics (threshold chosen on val)", ""]
+        header = [
+            "run",
+            "model",
+            "freeze",
+            "AUROC",
+            "accuracy",
+            "sensitivity",
+            "specificity",
+            "F1",
+            "trainable params",
+            "train min",
+            "img/s",
+        ]
+        rows = [
+            [
+                r["name"],
+                r["model"],
+                r["freeze"],
+                *(_ci(r["metrics"].get(m)) for m in PNEUMONIA_METRICS),
+                _params(r["trainable_parameters"]),
+                _minutes(r["train_seconds"]),
+                _num(r["img_per_s"], ".0f"),
+            ]
+            for r in binary
+        ]
+        lines += _table(header, rows)
+    lines += [
+        "## Paired comparisons (same test images)",
+        "",
+        "Δ = second − first. p: two-sided paired patient bootstrap of the AUROC difference; "
+        "DeLong: the smallest per-label p of DeLong's test (per-label values in summary.json).",
+        "",
+    ]
+    rows = []
+    for pair in summary["pairs"]:
+        delong = [v["p_value"] for v in pair["delong"].values() if v["p_value"] is not None]
+        rows.append(
+            [
+                f"{pair['a']} ({pair['model_a']})",
+                f"{pair['b']} ({pair['model_b']})",
+                str(pair["n"]),
+                pair["metric"],
+                f"{_num(pair['delta'], '+.3f')} [{_num(pair['ci_low'], '+.3f')}, "
+                f"{_num(pair['ci_high'], '+.3f')}]",
+                _p(pair["p_value"]),
+                _p(min(delong)) if delong else "n/a",
+            ]
+        )
+    lines += (
+        _table(["first", "second", "n", "metric", "Δ [95% CI]", "p (bootstrap)", "min p (DeLong)"], rows)
+        if rows
+        else ["(needs two runs on the same labels)", ""]
+    )
+    lines += ["## Calibration and the val-chosen threshold on test", ""]
+    rows = []
+    for run in runs:
+        for label, calibration in run["calibration"].items():
+            at = (run.get("at_threshold") or {}).get(label, {})
+            rows.append(
+                [
+                    run["name"],
+                    label,
+                    _num(calibration["ece"]),
+                    _num(run["thresholds"].get(label)),
+                    _num(at.get("sensitivity")),
+                    _num(at.get("specificity")),
+                ]
+            )
+    lines += _table(["run", "label", "ECE", "threshold (val)", "test sensitivity", "test specificity"], rows)
+    lines += ["## Figures", ""]
+    for figure in summary["figures"]:
+        lines += [f"### {figure['caption']}", "", f"![{figure['caption']}]({figure['file']})", ""]
+    if summary["missing_figures"]:
+        lines += [
+            "Not drawn: " + "; ".join(f"{f['caption']} ({f['missing']})" for f in summary["missing_figures"]),
+            "",
+        ]
+    lines += ["## Published anchors (other people's numbers, other data and protocols)", ""]
+    lines += _table(
+        ["dataset", "metric", "value", "model"],
+        [[a["dataset"], a["metric"], str(a["value"]), a["model"]] for a in summary["anchors"]],
+    )
+    if summary["skipped"]:
+        lines += ["## Skipped runs", ""]
+        lines += [f"- `{s['path']}`: {s['reason']}" for s in summary["skipped"]] + [""]
+    return "\n".join(lines)
+
+
+def _params(count: int | None) -> str:
+    return "n/a" if count is None else f"{count / 1e6:.2f} M"
+
+
+def _minutes(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds / 60:.1f}"
+
+
+def render_html(markdown: str, title: str) -> str:
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
+        "img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>\n{body}</body></html>\n"
+    )
