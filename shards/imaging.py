@@ -13,6 +13,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from shards.lesion import encode_lesion, resize_nearest, to_bits
+
 ImageFormat = Literal["jpg", "png", "npy"]
 IMAGE_FORMATS: tuple[str, ...] = ("jpg", "png", "npy")
 
@@ -77,15 +79,24 @@ def load_image(path: str, short_side: int, fmt: ImageFormat, quality: int) -> En
 
 
 def load_mask(path: str, width: int, height: int) -> bytes:
-    """Resize a 0/255 lesion mask to the packed image's size (nearest) and store it as PNG."""
+    """Resize a lesion mask to the packed image's size (nearest) and store it as PNG.
+
+    A 16-bit label-bit mask (`shards.lesion`, what shards.synth writes) keeps its bits; an 8-bit
+    union mask stays 8-bit 0/255.
+    """
     try:
         with Image.open(path) as mask:
-            resized = mask.convert("L").resize((width, height), Image.Resampling.NEAREST)
+            mask.load()
+            bits = to_bits(mask)
+            union_only = mask.mode not in ("I;16", "I;16B", "I;16L", "I")
     except FileNotFoundError:
         raise ImageError("missing_file", f"missing mask {path}") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError("corrupt_image", f"unreadable mask {path}: {err}") from None
-    binary = np.where(np.asarray(resized) > 127, 255, 0).astype(np.uint8)
+    resized = resize_nearest(bits, height, width)
+    if not union_only:
+        return encode_lesion(resized)
     buffer = io.BytesIO()
-    Image.fromarray(binary).save(buffer, format="PNG", compress_level=1)
+    union = np.where(resized != 0, 255, 0).astype(np.uint8)
+    Image.fromarray(union).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

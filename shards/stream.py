@@ -45,6 +45,7 @@ from shards.augment import (
 from shards.decode import DecodeError, decode_gray
 from shards.errors import DataError
 from shards.labels import RAW_VALUES, resolve_label_set
+from shards.lesion import decode_lesion, label_planes, resize_nearest
 from shards.manifest import Manifest, ShardInfo, load_manifest
 from shards.split import patient_unit
 from shards.targets import LabelEncoder, LabelPolicy
@@ -85,6 +86,10 @@ class StreamConfig:
     """Train only: keep this fraction of patients (deterministic), for data-efficiency curves."""
     samples_per_epoch: int | None = None
     """Train only: defaults to the split's sample count (after the view and patient filters)."""
+    with_lesion_masks: bool = False
+    """Eval only (augment none): batches also carry `lesion`, bool N×labels×size×size, each label's
+    lesion mask (`{key}.mask.png`, see shards.lesion) squashed to the image's geometry; all False
+    where a sample has no mask. The explain job's ground truth."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.image_size < 1 or self.workers < 0:
@@ -97,6 +102,8 @@ class StreamConfig:
             raise ValueError("mean and std must both have 1 or 3 entries")
         if self.warp_on not in ("worker", "device") or self.decode_device not in ("cpu", "cuda"):
             raise ValueError("warp_on must be worker or device, decode_device cpu or cuda")
+        if self.with_lesion_masks and self.augment.policy != "none":
+            raise ValueError("with_lesion_masks follows the unaugmented geometry only: use augment none")
 
 
 class _Shared:
@@ -123,11 +130,15 @@ class _Samples:
         self.encoder = LabelEncoder(names, config.policy)
         self.on_device = config.decode_device == "cuda" and self.fmt == "jpg"
         self.warp_on_device = config.warp_on == "device"
+        known = manifest.label_names
+        self.lesion_bits = [known.index(name) if name in known else None for name in names] \
+            if config.with_lesion_masks else None
+        self.wanted = (self.fmt, "json", "mask.png") if config.with_lesion_masks else (self.fmt, "json")
 
     def read(self, shard: Path) -> Iterator[dict]:
         """Raw samples of one tar (image + JSON only); a damaged tar ends with a counted warning."""
         try:
-            yield from iter_samples(shard, wanted=(self.fmt, "json"))
+            yield from iter_samples(shard, wanted=self.wanted)
         except (TarFormatError, OSError, UnicodeDecodeError) as err:
             self.shared.count_skip(f"unreadable tar data ({err})", str(shard))
 
@@ -153,6 +164,8 @@ class _Samples:
         """Decode + warp on the CPU (or pass bytes for the device); None if undecodable."""
         target, mask = self.encoder(meta.get("labels", {}))
         item = {"key": meta.get("key", raw["__key__"]), "target": target, "mask": mask, "params": params}
+        if self.lesion_bits is not None:
+            item["lesion"] = self.lesion(raw, item["key"])
         if self.on_device:
             item["jpeg"] = torch.frombuffer(bytearray(raw["jpg"]), dtype=torch.uint8)
             return item
@@ -167,6 +180,20 @@ class _Samples:
             item["image"] = warp_cpu(pixels, params, self.config.image_size)
         return item
 
+    def lesion(self, raw: dict, key: str) -> torch.Tensor:
+        """The sample's per-label lesion planes at the output size (identity geometry: the whole
+        image squashed to size × size, as `warp_cpu`/`warp` do with IDENTITY)."""
+        size = self.config.image_size
+        assert self.lesion_bits is not None
+        if "mask.png" not in raw:
+            return torch.zeros(len(self.lesion_bits), size, size, dtype=torch.bool)
+        try:
+            bits = resize_nearest(decode_lesion(raw["mask.png"]), size, size)
+        except (OSError, ValueError, SyntaxError) as err:
+            log.warning("sample %s: unreadable lesion mask (%s); treated as no mask", key, err)
+            return torch.zeros(len(self.lesion_bits), size, size, dtype=torch.bool)
+        return torch.from_numpy(label_planes(bits, self.lesion_bits))
+
     def collate(self, items: list[dict]) -> dict:
         batch = {
             "key": [item["key"] for item in items],
@@ -174,6 +201,8 @@ class _Samples:
             "mask": torch.from_numpy(np.stack([item["mask"] for item in items])),
         }
         batch["params"] = [item["params"] for item in items]
+        if self.lesion_bits is not None:
+            batch["lesion"] = torch.stack([item["lesion"] for item in items])
         if self.on_device:
             batch["jpeg"] = [item["jpeg"] for item in items]
         elif self.warp_on_device:  # ragged decoded images in one zero-padded uint8 canvas
@@ -386,6 +415,8 @@ class Stream:
         batch["image"] = normalize(batch["image"], self.config.mean, self.config.std)
         batch["target"] = batch["target"].to(device, non_blocking=non_blocking)
         batch["mask"] = batch["mask"].to(device, non_blocking=non_blocking)
+        if "lesion" in batch:
+            batch["lesion"] = batch["lesion"].to(device, non_blocking=non_blocking)
         return batch
 
     def _decode_on_device(self, batch: dict, device: torch.device) -> list[torch.Tensor]:
@@ -408,6 +439,8 @@ class Stream:
         batch["key"] = [batch["key"][i] for i in keep]
         batch["params"] = [batch["params"][i] for i in keep]
         batch["target"], batch["mask"] = batch["target"][keep], batch["mask"][keep]
+        if "lesion" in batch:
+            batch["lesion"] = batch["lesion"][keep]
         return images
 
 

@@ -122,7 +122,7 @@ class LocalSlurm:
         self._wait((munge / "munge.socket").exists, 20, "munged did not open its socket")
         self._spawn([_binary("slurmctld"), "-D", "-c", "-i", "-f", str(self.conf)], "slurmctld")
         self._spawn([_binary("slurmd"), "-D", "-f", str(self.conf), "-N", self.node], "slurmd")
-        self._wait(self._node_idle, timeout, "the SLURM node did not become idle")
+        self._wait(self.node_idle, timeout, "the SLURM node did not become idle")
 
     def _spawn(self, argv: list[str], name: str) -> None:
         log = (self.root / "log" / f"{name}.stdout").open("w")
@@ -141,7 +141,7 @@ class LocalSlurm:
                 raise TimeoutError(f"{message} within {timeout:.0f} s; logs in {self.root / 'log'}")
             time.sleep(0.3)
 
-    def _node_idle(self) -> bool:
+    def node_idle(self) -> bool:
         result = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
                                 env=self.env, check=False)
         return result.returncode == 0 and result.stdout.strip().startswith("idle")

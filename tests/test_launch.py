@@ -109,6 +109,13 @@ def test_sbatch_deepspeed_zero2_on_cpu(slurm: LocalSlurm, chexpert_shards: Path,
     assert any("zero" in p.name or p.suffix == ".pt" for p in saved.rglob("*")), "a DeepSpeed checkpoint"
 
 
+def _stepd_alive(job: Job) -> bool:
+    found = subprocess.run(
+        ["pgrep", "-f", rf"slurmstepd: \[{job.job_id}\."], capture_output=True, check=False
+    )
+    return found.returncode == 0
+
+
 def wait_for_state(slurm: LocalSlurm, job: Job, predicate, timeout: float = 300) -> dict:
     found: dict = {}
 
@@ -137,6 +144,9 @@ def test_usr1_checkpoints_requeues_and_resumes(
     # SLURM holds a requeued job for ~2 minutes (BeginTime); an admin may release it at once.
     # That is the only thing the test does that a cluster would not: the script is unchanged.
     if pending["JobState"] == "PENDING":
+        # Only once the first run's processes are gone: a job id relaunched while its old
+        # slurmstepd is still cleaning up fails to start (seen under load).
+        wait_for(lambda: slurm.node_idle() and not _stepd_alive(job), timeout=120)
         subprocess.run(
             ["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"],
             env=slurm.env,
@@ -284,3 +294,37 @@ def test_ray_sweep_script_runs_a_sweep_and_stops_ray(
         return not found.stdout.strip()
 
     wait_for(ray_gone, timeout=60)
+
+
+def test_explain_script_on_a_trained_run(
+    slurm: LocalSlurm, straight: tuple, chexpert_shards: Path, tmp_path: Path
+) -> None:
+    """launch/explain.sh (GPUS_PER_NODE=0: on the CPU) on the run the first test trained."""
+    _, _, run_dir = straight
+    out = tmp_path / "explain"
+    env = {
+        "RUNS": str(run_dir),
+        "SHARDS": str(chexpert_shards),
+        "N": "4",
+        "METHODS": "gradcam",
+        "OUT": str(out),
+        "GPUS_PER_NODE": "0",
+        "CXR_VENV": str(Path(sys.executable).parents[1]),
+    }
+    job = slurm.sbatch(
+        ["--gres=none", "--cpus-per-task=2", "--mem=8G", str(LAUNCH / "explain.sh")], env=env, cwd=ROOT
+    )
+    info = slurm.wait(job, timeout=300)
+    log = LocalSlurm.log(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    scores = json.loads((out / "localization.json").read_text())
+    (model,) = scores.values()
+    assert set(model) == {"gradcam"} and all("pointing_game" in v for v in model["gradcam"].values())
+    assert (out / "index.html").is_file() and list(out.rglob("*.png"))
+
+    missing = slurm.sbatch(
+        [*CPU_ALLOCATION, str(LAUNCH / "explain.sh")], env=env | {"RUNS": str(tmp_path)}, cwd=ROOT
+    )
+    assert slurm.wait(missing)["ExitCode"] == "2:0" and "has no best/model.safetensors" in LocalSlurm.log(
+        missing
+    )

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from shards.augment import AugmentConfig
 from shards.errors import DataError
 from shards.labels import CHEXPERT_LABELS, COMPETITION5
+from shards.lesion import label_bit, resize_nearest
 from shards.stream import Stream, StreamConfig, eval_stream, train_stream
 from shards.targets import LabelPolicy
 
@@ -617,3 +619,36 @@ def test_malformed_metadata_is_skipped_and_counted(chexpert_shards: Path, tmp_pa
     stream = eval_stream(config(copy, split="val"))
     keys = [key for batch in stream.batches() for key in batch["key"]]
     assert victim not in keys and stream.skipped == 1
+
+
+def test_lesion_masks_are_opt_in_per_label_and_follow_the_image_geometry(chexpert_shards: Path) -> None:
+    """Off by default (batches unchanged); on, each label's plane is that label's bit of the packed
+    mask, resized the way the image is (whole image squashed to size × size)."""
+    assert "lesion" not in next(iter(eval_stream(config(chexpert_shards, split="val")).batches()))
+    with pytest.raises(ValueError, match="augment none"):
+        config(chexpert_shards, with_lesion_masks=True, augment=AugmentConfig.preset("light"))
+    labels = ("Cardiomegaly", "Pleural Effusion", "Support Devices")
+    cfg = config(chexpert_shards, split="val", labels=labels, with_lesion_masks=True, image_size=40)
+    packed: dict[str, np.ndarray] = {}
+    for shard in sorted(chexpert_shards.glob("val-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                if ext == "mask.png":
+                    packed[key] = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())))
+    assert packed, "the fixture has lesion masks in val"
+    seen = 0
+    for batch in eval_stream(cfg).batches():
+        assert batch["lesion"].shape == (len(batch["key"]), 3, 40, 40) and batch["lesion"].dtype == torch.bool
+        for key, planes, target in zip(batch["key"], batch["lesion"], batch["target"], strict=True):
+            if key not in packed:
+                assert not planes.any()
+                continue
+            seen += 1
+            bits = resize_nearest(packed[key], 40, 40)
+            for index, name in enumerate(labels):
+                expected = (bits & label_bit(CHEXPERT_LABELS.index(name))) != 0
+                assert np.array_equal(planes[index].numpy(), expected), (key, name)
+                if planes[index].any():
+                    assert target[index] == 1, "a marked finding is a positive label"
+    assert seen == len(packed)

@@ -102,7 +102,9 @@ def test_asha_stops_a_hopeless_trial_early(learn_shards: Path, tmp_path: Path) -
     hopeless = [r for r in results(tmp_path / "sweeps", "asha") if float(r["optim.lr"]) < 1e-6]
     assert len(hopeless) == 2 and all(r["status"] == "stopped early" for r in hopeless), hopeless
     assert all(int(r["epochs"]) < 3 for r in hopeless)
-    assert rows[3e-3]["status"] == "finished" and int(rows[3e-3]["epochs"]) == 3
+    # One good trial may stop the other at a rung (the later arrival, if it trails): at least
+    # one of them trains to the end.
+    assert max(int(rows[lr]["epochs"]) for lr in (3e-3, 2e-3)) == 3
     best = float(next(iter(rows.values()))["val_auroc_macro"])
     assert best > max(float(r["val_auroc_macro"]) for r in hopeless)
 

@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from shards.errors import DataError
 from shards.labels import CHEXPERT_COLUMNS, CHEXPERT_LABELS
+from shards.lesion import label_bit
 from shards.synth import ChexpertOptions, PneumoniaOptions, generate_chexpert, generate_pneumonia
 from shards.synth.chexpert import TRAIN_RATES
 from tests.conftest import SIZE
@@ -70,7 +71,7 @@ def test_no_finding_is_consistent(chexpert_root: Path) -> None:
 
 def test_images_and_masks(chexpert_root: Path) -> None:
     rows = read_rows(chexpert_root, "train.csv")
-    with_mask = 0
+    with_mask = marked = total = 0
     for row in rows:
         image = Image.open(chexpert_root / row["Path"])
         assert image.mode == "L" and min(image.size) == SIZE
@@ -80,12 +81,21 @@ def test_images_and_masks(chexpert_root: Path) -> None:
         positives = [n for n in CHEXPERT_LABELS if n != "No Finding" and row[n] == "1.0"]
         if mask_path.is_file():
             with_mask += 1
-            mask = np.asarray(Image.open(mask_path))
-            assert mask.shape == pixels.shape and set(np.unique(mask)) <= {0, 255} and mask.max() == 255
+            mask = Image.open(mask_path)
+            assert mask.mode == "I;16", "16-bit label bits (shards.lesion)"
+            bits = np.asarray(mask)
+            assert bits.shape == pixels.shape and bits.max() > 0
+            drawn = {name for index, name in enumerate(CHEXPERT_LABELS) if (bits & label_bit(index)).any()}
             assert positives, f"{row['Path']}: a mask without a positive finding"
+            # Each bit is its own finding: only positives are marked (uncertain ones are drawn faintly,
+            # unmarked), and a positive finding is marked unless it fell off the image.
+            assert drawn <= set(positives), (row["Path"], drawn, positives)
+            marked += len(drawn)
+            total += len(positives)
         else:
             assert not positives, f"{row['Path']}: positive {positives} but no mask"
     assert with_mask > len(rows) // 2
+    assert marked >= 0.9 * total, "almost every positive finding has its own bit"
 
 
 def test_realistic_label_rates(tmp_path: Path) -> None:
@@ -132,6 +142,8 @@ def test_pneumonia_layout(pneumonia_root: Path) -> None:
                 assert min(image.size) >= SIZE and image.size[0] > image.size[1]  # landscape, large
                 mask = (pneumonia_root / "masks" / path.relative_to(pneumonia_root)).with_suffix(".png")
                 assert mask.is_file() == (label == "PNEUMONIA")
+                if mask.is_file():  # one label: every lesion pixel is bit 0 (Pneumonia)
+                    assert set(np.unique(np.asarray(Image.open(mask)))) == {0, 1}
     assert not persons["test"] & (persons["train"] | persons["val"]), "test persons must be disjoint"
     assert persons["val"] <= persons["train"], "Kaggle's val folder shares persons with train"
     names = [p.name for p in base.rglob("*.jpeg")]

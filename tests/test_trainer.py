@@ -212,6 +212,17 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(learn_shards: Path, tmp_path:
     assert state["step"] == marker["step"] and state["stream"]["next_batch"] > 0
 
 
+def test_a_fresh_run_refuses_a_directory_holding_a_run(chexpert_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"split": "val", "step": 3}\n')
+    result = train(DEMO, [f"run.dir={run_dir}", f"data.shards={chexpert_shards}"])
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "already holds a run (metrics.jsonl)" in result.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == '{"split": "val", "step": 3}\n', "left as it was"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("model.freeze=bogus", "model.freeze: 'bogus' is not one of"),
     ("optim.lrate=0.1", "unknown config key optim.lrate"),

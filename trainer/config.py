@@ -257,9 +257,5 @@ def validate(config: Config) -> None:
 
 
 def _check_resume(run: RunConfig) -> None:
-    if run.resume == "never" and (Path(run.dir) / "metrics.jsonl").is_file():
-        # A fresh run would append to the old run's metrics and TensorBoard files and mix the two.
-        raise ConfigError(f"run.dir: {run.dir} already holds a run (metrics.jsonl): continue it with "
-                          "run.resume=auto, or choose another run.dir")
     if run.resume not in ("never", "auto") and not Path(run.resume).is_dir():
         raise ConfigError(f"run.resume: {run.resume!r} is neither never, auto nor a checkpoint directory")

@@ -422,6 +422,11 @@ def zero_stage(accelerator: Accelerator) -> int:
 def train(cfg: Config, report: Report | None = None) -> dict:
     """Train (or resume), evaluate each epoch, export the best model, test it. Returns test metrics
     (or the best validation ones when run.test_at_end is off)."""
+    if cfg.run.resume == "never" and (Path(cfg.run.dir) / "metrics.jsonl").is_file():
+        # A fresh run would append to the old run's metrics and TensorBoard files and mix the two.
+        # (Checked here, not in load_config: a run's config.yaml must still load back as it is.)
+        raise ConfigError(f"run.dir: {cfg.run.dir} already holds a run (metrics.jsonl): continue it with "
+                          "run.resume=auto, or choose another run.dir")
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.labels import CHEXPERT_COLUMNS, CHEXPERT_LABELS, RawLabel, format_raw_label
+from shards.lesion import label_bit
 from shards.synth.common import (
     SynthSummary,
     parallel_map,
@@ -24,7 +25,7 @@ from shards.synth.common import (
     write_csv,
     write_image,
 )
-from shards.synth.render import PAINTERS, Draw, render
+from shards.synth.render import PAINTERS, Draw, labelled, render
 
 DATASET_DIR = "CheXpert-v1.0-small"
 FIRST_VALID_PATIENT = 64541
@@ -95,13 +96,14 @@ def sample_labels(rng: np.random.Generator, rates: str, valid: bool) -> dict[str
 
 
 def _draws(labels: dict[str, RawLabel], rng: np.random.Generator) -> list[Draw]:
+    """The painters of one image, each marking the mask with its label's bit (CSV column order)."""
     draws: list[Draw] = []
     for name, painter in PAINTERS.items():
-        value = labels[name]
+        value, bit = labels[name], label_bit(CHEXPERT_LABELS.index(name))
         if value == 1:
-            draws.append(partial(painter, strength=1.0))
+            draws.append(labelled(bit, partial(painter, strength=1.0)))
         elif value == -1 and rng.uniform() < UNCERTAIN_DRAWN:
-            draws.append(partial(painter, strength=UNCERTAIN_STRENGTH))
+            draws.append(labelled(bit, partial(painter, strength=UNCERTAIN_STRENGTH)))
     return draws
 
 

@@ -13,9 +13,9 @@ from typing import TypeVar
 
 import numpy as np
 import simplejpeg
-from PIL import Image
 
 from shards.errors import DataError
+from shards.lesion import encode_lesion
 from shards.synth.render import Drawn
 
 T = TypeVar("T")
@@ -28,7 +28,8 @@ def patient_rng(seed: int, stream: int, patient: int) -> np.random.Generator:
 
 
 def write_image(root: Path, relpath: str, drawn: Drawn, quality: int = 90, rgb: bool = False) -> bool:
-    """Write the JPEG at root/relpath and, if a lesion was drawn, root/masks/<relpath>.png.
+    """Write the JPEG at root/relpath and, if a lesion was drawn, root/masks/<relpath>.png
+    (16-bit, bit i where label i was drawn: `shards.lesion`).
 
     Returns whether a mask was written.
     """
@@ -44,7 +45,7 @@ def write_image(root: Path, relpath: str, drawn: Drawn, quality: int = 90, rgb: 
         return False
     mask_path = (root / "masks" / relpath).with_suffix(".png")
     mask_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(drawn.mask.astype(np.uint8) * 255, mode="L").save(mask_path, compress_level=1)
+    mask_path.write_bytes(encode_lesion(drawn.mask))
     return True
 
 

@@ -14,14 +14,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.labels import PNEUMONIA_LABELS
+from shards.lesion import label_bit
 from shards.synth.common import SynthSummary, parallel_map, patient_rng, staged, write_image
-from shards.synth.render import Draw, bacterial_pneumonia, render, viral_pneumonia
+from shards.synth.render import Draw, bacterial_pneumonia, labelled, render, viral_pneumonia
 
 DATASET_DIR = "chest_xray"
 VAL_PER_CLASS = 8
 """The real val folder holds 8 NORMAL and 8 PNEUMONIA images."""
 RGB_FRACTION = 0.05
-SUBTYPE_DRAWS: dict[str, Draw] = {"bacteria": bacterial_pneumonia, "virus": viral_pneumonia}
+_PNEUMONIA_BIT = label_bit(PNEUMONIA_LABELS.index("Pneumonia"))
+SUBTYPE_DRAWS: dict[str, Draw] = {"bacteria": labelled(_PNEUMONIA_BIT, bacterial_pneumonia),
+                                  "virus": labelled(_PNEUMONIA_BIT, viral_pneumonia)}
+"""Everything either subtype draws is the one label's lesion (consolidation and effusion included)."""
 
 
 @dataclass(frozen=True, slots=True)

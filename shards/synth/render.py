@@ -3,7 +3,8 @@
 Pure numpy (no torch, no scipy): generation runs in forked workers and must be fast, thousands
 of images a minute on one core. Geometry lives in normalised coordinates (the shorter image side
 spans [-1, 1]), so the same anatomy draws at any size and aspect ratio. Each finding is a
-painter that adds intensity (and, at full strength, marks its pixels in the mask); a model can
+painter that adds intensity (and, at full strength, marks its pixels in the mask with its label's
+bit, so the mask tells findings apart: `shards.lesion`); a model can
 only learn a label from what its painter draws, which is what makes "the model learned" a real
 assertion in the trainer's tests.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -20,7 +22,10 @@ Window = tuple[slice, slice]
 
 
 class Canvas:
-    """An image being drawn (float32, ~[0, 1]) and its boolean lesion mask."""
+    """An image being drawn (float32, ~[0, 1]) and its lesion mask (uint16 label bits).
+
+    Marked pixels get `bit`, the label of the finding being drawn (set by `labelled`).
+    """
 
     def __init__(self, height: int, width: int) -> None:
         self.height, self.width = height, width
@@ -28,7 +33,8 @@ class Canvas:
         self.u = ((np.arange(width, dtype=np.float32) + 0.5 - width / 2) / self.scale)[None, :]
         self.v = ((np.arange(height, dtype=np.float32) + 0.5 - height / 2) / self.scale)[:, None]
         self.image = np.zeros((height, width), np.float32)
-        self.mask = np.zeros((height, width), bool)
+        self.mask = np.zeros((height, width), np.uint16)
+        self.bit = 1
 
     def window(self, cx: float, cy: float, rx: float, ry: float) -> Window:
         """Pixel slices covering the box centre ± radius (clipped to the image)."""
@@ -59,7 +65,12 @@ class Canvas:
         """Add `amount × weight`; with `mark`, pixels where the weight exceeds ½ join the mask."""
         self.image[win] += amount * weight
         if mark:
-            self.mask[win] |= weight > 0.5
+            self.mark(win, weight > 0.5)
+
+    def mark(self, win: Window, where: np.ndarray) -> None:
+        """Set the current finding's bit where `where` is true inside `win`."""
+        region = self.mask[win]  # a view: the update lands in the mask
+        region[where] |= np.uint16(self.bit)
 
     @property
     def full(self) -> Window:
@@ -170,7 +181,7 @@ def cardiomegaly(canvas: Canvas, anatomy: Anatomy, rng: np.random.Generator, str
     _, normal = canvas.ellipse(cx, cy, rx, ry, edge=0.08, win=win)
     canvas.add(win, np.clip(big - normal, 0, 1), 0.19)
     if strength >= 1:
-        canvas.mask[win] |= big > 0.5
+        canvas.mark(win, big > 0.5)
 
 
 def enlarged_cardiomediastinum(canvas: Canvas, anatomy: Anatomy, rng: np.random.Generator,
@@ -333,7 +344,7 @@ def bacterial_pneumonia(canvas: Canvas, anatomy: Anatomy, rng: np.random.Generat
 def viral_pneumonia(canvas: Canvas, anatomy: Anatomy, rng: np.random.Generator) -> None:
     """Kermany's viral cases: diffuse bilateral interstitial pattern."""
     edema(canvas, anatomy, rng, 0.7)
-    canvas.mask[:] = False  # the haze is diffuse; the patchy opacities below are the lesion
+    canvas.mask[:] = 0  # the haze is diffuse; the patchy opacities below are the lesion
     for _ in range(2):
         pneumonia(canvas, anatomy, rng, 1.0)
 
@@ -343,11 +354,21 @@ class Drawn:
     pixels: np.ndarray
     """uint8 H×W radiograph."""
     mask: np.ndarray | None
-    """bool H×W lesion mask, None when nothing was drawn at full strength."""
+    """uint16 H×W lesion mask (bit i: label i drawn there), None when nothing was drawn at full strength."""
 
 
 Draw = Callable[[Canvas, Anatomy, np.random.Generator], None]
 """A painter with its strength bound (functools.partial), or a whole-image routine."""
+
+
+def _as_label(bit: int, draw: Draw, canvas: Canvas, anatomy: Anatomy, rng: np.random.Generator) -> None:
+    canvas.bit = bit
+    draw(canvas, anatomy, rng)
+
+
+def labelled(bit: int, draw: Draw) -> Draw:
+    """`draw`, marking its mask pixels with `bit` (a label's bit: `shards.lesion.label_bit`)."""
+    return partial(_as_label, bit, draw)
 
 
 def render(height: int, width: int, rng: np.random.Generator, lateral: bool, draws: list[Draw]) -> Drawn:
