@@ -50,10 +50,14 @@ cxr_train_args() {
 }
 
 # cxr_main_address: the first node of the allocation (the batch shell runs there) and a port
-# that is free on it, for torch's rendezvous.
+# that is free on it, for torch's rendezvous. The address is the node's NodeAddr in SLURM (what
+# SLURM itself uses to reach it), else its name.
 cxr_main_address() {
     if [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
-        MAIN_ADDR="${MAIN_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}"
+        local first address
+        first="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+        address="$(scontrol show node "$first" 2>/dev/null | grep -oE 'NodeAddr=[^ ]+' | head -n1 | cut -d= -f2)"
+        MAIN_ADDR="${MAIN_ADDR:-${address:-$first}}"
     else
         MAIN_ADDR="${MAIN_ADDR:-127.0.0.1}"
     fi

@@ -26,6 +26,8 @@
 #                       guesses, sometimes a docker or loopback one: set it when a job hangs at start)
 #   NCCL_IB_HCA         which InfiniBand adapters to use (e.g. mlx5); NCCL_IB_DISABLE=1 for TCP only
 #   NCCL_DEBUG=INFO     prints the chosen transport per ring (default here: WARN)
+#   GLOO_SOCKET_IFNAME  CPU runs (gloo): set per node to the interface holding its SLURM NodeAddr,
+#                       since the host name often resolves to 127.0.0.1 and peers could not connect
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (default here): a dead peer aborts the job instead of hanging
 #                       until the collective timeout, so SLURM frees the nodes
 #

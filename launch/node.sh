@@ -21,6 +21,15 @@ accelerate_config="${ACCELERATE_CONFIG:-ddp_bf16}"
     accelerate_config="$CXR_ROOT/launch/accelerate/$accelerate_config.yaml"
 [[ -f "$accelerate_config" ]] || { echo "error: ACCELERATE_CONFIG=$accelerate_config not found" >&2; exit 2; }
 
+# The network interface holding this node's SLURM address (NodeAddr), e.g. ib0 or eth0.
+node_interface() {
+    local address
+    address="$(scontrol show node "${SLURMD_NODENAME:-}" 2>/dev/null | grep -oE 'NodeAddr=[^ ]+' | head -n1 | cut -d= -f2)"
+    [[ -n "$address" ]] || return 0
+    [[ "$address" =~ ^[0-9.]+$ ]] || address="$(getent ahostsv4 "$address" | awk 'NR == 1 { print $1 }')"
+    ip -o -4 addr show 2>/dev/null | awk -v a="$address" '{ split($4, p, "/"); if (p[1] == a) print $2 }' | head -n1
+}
+
 launch=(--num_machines "$machines" --machine_rank "$machine_rank"
         --main_process_ip "${MAIN_ADDR:-127.0.0.1}" --main_process_port "${MAIN_PORT:-29500}")
 if [[ "$gpus" -eq 0 ]]; then
@@ -28,6 +37,12 @@ if [[ "$gpus" -eq 0 ]]; then
     # (platform-facts.md); ACCELERATE_USE_CPU=1 with --multi_gpu gives real DDP on gloo. DeepSpeed
     # finds the CPU by itself and is switched off by ACCELERATE_USE_CPU, so it keeps its config.
     per_node=2
+    # gloo announces the address this host's *name* resolves to, often 127.0.0.1 in /etc/hosts:
+    # other nodes could not connect back. Pin it to the interface SLURM reaches this node on.
+    if [[ "$machines" -gt 1 && -z "${GLOO_SOCKET_IFNAME:-}" ]]; then
+        interface="$(node_interface || true)"
+        [[ -n "$interface" ]] && export GLOO_SOCKET_IFNAME="$interface"
+    fi
     if grep -q "distributed_type: DEEPSPEED" "$accelerate_config"; then
         launch+=(--config_file "$accelerate_config" --mixed_precision no)
     else
@@ -44,6 +59,6 @@ launch+=(--num_processes "$((per_node * machines))" --dynamo_backend no)
 cpus="${SLURM_CPUS_PER_TASK:-$(nproc)}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cpus / per_node > 0 ? cpus / per_node : 1 ))}"
 
-echo "cxrbench node $machine_rank/$machines on $(hostname): $per_node processes, main ${MAIN_ADDR:-127.0.0.1}:${MAIN_PORT:-29500}"
+echo "cxrbench node $machine_rank/$machines on $(hostname): $per_node processes, main ${MAIN_ADDR:-127.0.0.1}:${MAIN_PORT:-29500}${GLOO_SOCKET_IFNAME:+, gloo on $GLOO_SOCKET_IFNAME}"
 trap '' USR1
 exec "$CXR_ACCELERATE" launch "${launch[@]}" "$CXR_ROOT/trainer/run.py" "$@"

@@ -50,10 +50,8 @@ storage="$(cxr_absolute "${STORAGE:-runs/sweeps}")"
 gpus="${GPUS_PER_NODE:-8}"
 cpus="${SLURM_CPUS_PER_TASK:-$(nproc)}"
 ray="$(dirname "$CXR_PYTHON")/ray"
-head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
-head_ip="$(getent ahostsv4 "$head_node" | awk 'NR == 1 { print $1 }')"
-head_ip="${head_ip:-$head_node}"
 cxr_main_address
+head_ip="$MAIN_ADDR"
 port="${RAY_PORT:-$MAIN_PORT}"
 # Object store: a tenth of the node's memory (Ray's default of 30% of the machine ignores --mem).
 memory_mb="${SLURM_MEM_PER_NODE:-8192}"

@@ -328,3 +328,50 @@ def test_explain_script_on_a_trained_run(
     assert slurm.wait(missing)["ExitCode"] == "2:0" and "has no best/model.safetensors" in LocalSlurm.log(
         missing
     )
+
+
+@pytest.fixture(scope="module")
+def two_nodes(slurm: LocalSlurm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlurm]:
+    """Two real SLURM nodes on this machine: each slurmd in its own network namespace."""
+    if not (shutil.which("ip") and shutil.which("nsenter")):
+        pytest.skip("needs iproute2 (ip) and nsenter for network namespaces")
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm2"), namespaces=2)
+    try:
+        cluster.start()
+    except subprocess.CalledProcessError as err:  # no CAP_NET_ADMIN in this container
+        cluster.stop()
+        pytest.skip(f"cannot create network namespaces here: {err.stderr.decode(errors='replace').strip()}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_multinode_on_two_network_namespace_nodes(
+    two_nodes: LocalSlurm, straight: tuple, chexpert_shards: Path, tmp_path: Path
+) -> None:
+    """`sbatch --nodes=2 launch/multinode.sh`: one launcher per node, the second node reaching the
+    first node's address (10.77.0.1) over the bridge; 2 machines × 2 processes train one model."""
+    run_dir = tmp_path / "run"
+    job = two_nodes.sbatch(
+        [
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            "--gres=none",
+            "--cpus-per-task=1",
+            "--mem=4G",
+            str(LAUNCH / "multinode.sh"),
+        ],
+        env=job_env(DEMO, run_dir, chexpert_shards, EXTRA + " optim.epochs=1 data.workers=0"),
+        cwd=ROOT,
+    )
+    info = two_nodes.wait(job)
+    log = LocalSlurm.log(job)
+    assert (info["JobState"], info["ExitCode"], info["NodeList"]) == ("COMPLETED", "0:0", "n[1-2]"), log[
+        -4000:
+    ]
+    assert "node 0/2" in log and "node 1/2" in log and "main 10.77.0.1:" in log and "gloo on cxr" in log
+    _, _, reference = straight
+    assert records(run_dir, "val")[0]["step"] < records(reference, "val")[0]["step"], "one 4-rank world"
+    keys = np.load(run_dir / "predictions_val.npz")["keys"]
+    assert len(keys) == len(set(keys.tolist())) == len(np.load(reference / "predictions_val.npz")["keys"])
