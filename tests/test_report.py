@@ -164,3 +164,34 @@ def test_no_usable_run_is_one_line(tmp_path: Path) -> None:
         "error: no usable run"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_by_name_or_path_and_a_missing_one(run_folder: Path, tmp_path: Path) -> None:
+    """--sweep NAME is looked up under the --runs folders (and their sweeps/); a sweep's
+    results.csv (as sweeps.run writes it) feeds the sweep figures."""
+    runs = tmp_path / "runs"
+    shutil.copytree(run_folder / "cnn", runs / "cnn")
+    sweep = tmp_path / "elsewhere" / "sweeps" / "lr"
+    (sweep / "trials").mkdir(parents=True)
+    rows = ["rank,trial,optim.lr,val_auroc_macro,status,run_dir"]
+    rows += [
+        f"{i},t{i},{lr},{0.6 + i / 10},finished,{run_folder / 'cnn'}" for i, lr in enumerate((1e-3, 1e-2))
+    ]
+    (sweep / "results.csv").write_text("\n".join(rows) + "\n")
+    ok = report(
+        "--runs",
+        str(runs),
+        "--runs",
+        str(tmp_path / "elsewhere"),
+        "--sweep",
+        "lr",
+        "--out",
+        str(tmp_path / "out"),
+        "--resamples",
+        "50",
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["sweeps"] == [{"path": str(sweep.resolve()), "trials": 2}]
+    bad = report("--runs", str(runs), "--sweep", "nope", "--out", str(tmp_path / "out2"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --sweep nope: no sweep there")

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         action="append",
         default=[],
-        help="a sweep directory (STORAGE/NAME from sweeps.run) outside --runs (repeatable)",
+        help="a sweep: its directory (STORAGE/NAME from sweeps.run), or its NAME under a --runs "
+        "folder or its sweeps/ subfolder (repeatable; sweeps inside --runs are found anyway)",
     )
     parser.add_argument("--out", type=Path, required=True, help="report folder")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples [1000]")
@@ -46,12 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    missing = [str(p) for p in [*args.runs, *args.sweep] if not p.exists()]
+    missing = [str(p) for p in args.runs if not p.exists()]
     if missing:
-        print(f"error: --runs/--sweep {missing[0]}: no such directory", file=sys.stderr)
+        print(f"error: --runs {missing[0]}: no such directory", file=sys.stderr)
         return 2
     paths, sweeps = find_runs(args.runs)
-    sweeps += [s for s in args.sweep if s not in sweeps]
+    sweeps = [s.resolve() for s in sweeps]
+    for name in args.sweep:
+        found = resolve_sweep(name, args.runs)
+        if found is None:
+            print(
+                f"error: --sweep {name}: no sweep there (a folder with results.csv from sweeps.run, "
+                f"given as a path or a name under {', '.join(map(str, args.runs))})",
+                file=sys.stderr,
+            )
+            return 2
+        if found not in sweeps:
+            sweeps.append(found)
     runs, skipped = [], []
     for path in paths:
         name = _name(path, paths)
@@ -77,6 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(summary['figures'])} figures, {len(skipped)} skipped → {args.out / 'index.html'}"
     )
     return 0
+
+
+def resolve_sweep(name: Path, runs: list[Path]) -> Path | None:
+    """A sweep given as a directory, or by name under a --runs folder (or its sweeps/)."""
+    candidates = [name, *(root / name for root in runs), *(root / "sweeps" / name for root in runs)]
+    return next((c.resolve() for c in candidates if (c / "results.csv").is_file()), None)
 
 
 def _name(path: Path, paths: list[Path]) -> str:
