@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -53,3 +54,8 @@ def test_trainer_demo_trains_both_models_and_compares_them(tmp_path: Path) -> No
     assert re.search(r"^macro\s+\d\.\d{3}\s+\d\.\d{3}$", out, re.MULTILINE)
     for model in ("cnn", "vit"):
         assert (tmp_path / "demo" / "runs" / model / "best" / "model.safetensors").is_file()
+    # ... and ends with the report: both runs, the CNN-vs-ViT paired comparison, browser + markdown.
+    report = tmp_path / "demo" / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    assert {r["name"] for r in summary["runs"]} == {"cnn", "vit"} and len(summary["pairs"]) == 1
+    assert (report / "index.html").is_file() and (report / "index.md").is_file()
