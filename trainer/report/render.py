@@ -56,60 +56,12 @@ def render_markdown(summary: dict) -> str:
             )
         )
         lines += ["## Test AUROC per model and freeze strategy", ""]
-        header = [
-            "run",
-            "model",
-            "freeze",
-            *labels,
-            "macro",
-            "CheXpert-5",
-            "trainable params",
-            "train min",
-            "img/s",
-        ]
-        rows = [
-            [
-                r["name"],
-                r["model"],
-                r["freeze"],
-                *(_ci(r["metrics"].get(f"auroc/{label}")) for label in labels),
-                _ci(r["metrics"].get("auroc_macro")),
-                _ci(r["metrics"].get("auroc_chexpert5")),
-                _params(r["trainable_parameters"]),
-                _minutes(r["train_seconds"]),
-                _num(r["img_per_s"], ".0f"),
-            ]
-            for r in multilabel
-        ]
-        lines += _table(header, rows)
+        metrics = [f"auroc/{label}" for label in labels] + ["auroc_macro", "auroc_chexpert5"]
+        lines += _run_table([*labels, "macro", "CheXpert-5"], metrics, multilabel)
     if binary:
         lines += ["## Pneumonia: test metrics (threshold chosen on val)", ""]
-        header = [
-            "run",
-            "model",
-            "freeze",
-            "AUROC",
-            "accuracy",
-            "sensitivity",
-            "specificity",
-            "F1",
-            "trainable params",
-            "train min",
-            "img/s",
-        ]
-        rows = [
-            [
-                r["name"],
-                r["model"],
-                r["freeze"],
-                *(_ci(r["metrics"].get(m)) for m in PNEUMONIA_METRICS),
-                _params(r["trainable_parameters"]),
-                _minutes(r["train_seconds"]),
-                _num(r["img_per_s"], ".0f"),
-            ]
-            for r in binary
-        ]
-        lines += _table(header, rows)
+        columns = ["AUROC", "accuracy", "sensitivity", "specificity", "F1"]
+        lines += _run_table(columns, list(PNEUMONIA_METRICS), binary)
     lines += [
         "## Paired comparisons (same test images)",
         "",
@@ -170,6 +122,24 @@ def render_markdown(summary: dict) -> str:
         lines += ["## Skipped runs", ""]
         lines += [f"- `{s['path']}`: {s['reason']}" for s in summary["skipped"]] + [""]
     return "\n".join(lines)
+
+
+def _run_table(columns: list[str], metrics: list[str], runs: list[dict]) -> list[str]:
+    """One row per run: who it is, each metric with its CI, then its cost."""
+    header = ["run", "model", "freeze", *columns, "trainable params", "train min", "img/s"]
+    rows = [
+        [
+            r["name"],
+            r["model"],
+            r["freeze"],
+            *(_ci(r["metrics"].get(m)) for m in metrics),
+            _params(r["trainable_parameters"]),
+            _minutes(r["train_seconds"]),
+            _num(r["img_per_s"], ".0f"),
+        ]
+        for r in runs
+    ]
+    return _table(header, rows)
 
 
 def _params(count: int | None) -> str:
