@@ -37,7 +37,7 @@ def collect(trials_dir: Path, metric: str) -> list[TrialRow]:
     trials whose metrics are missing or unreadable are kept with status 'no metrics'."""
     rows = []
     for run_dir in sorted(p for p in trials_dir.iterdir() if p.is_dir()) if trials_dir.is_dir() else []:
-        records = _records(run_dir / "metrics.jsonl")
+        records = read_records(run_dir / "metrics.jsonl")
         try:
             info = json.loads((run_dir / "trial.json").read_text())
         except (OSError, json.JSONDecodeError):
@@ -73,7 +73,8 @@ def collect(trials_dir: Path, metric: str) -> list[TrialRow]:
     return rows
 
 
-def _records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
+    """A metrics.jsonl, tolerantly: a line being written right now (or a damaged one) is skipped."""
     if not path.is_file():
         return []
     out = []

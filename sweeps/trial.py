@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards.shardio import write_json_atomic
+from sweeps.results import read_records
 from trainer.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,16 +149,7 @@ def _run_ranks(cfg, run_dir: Path, setup: TrialSetup) -> None:
 
 
 def _val_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            record = json.loads(line)
-            if record.get("split") == "val":
-                lines.append(record)
-    return lines
+    return [r for r in read_records(run_dir / "metrics.jsonl") if r.get("split") == "val"]
 
 
 def _free_port() -> int:
