@@ -54,6 +54,9 @@ else
     launch+=(--config_file "$accelerate_config")
 fi
 launch+=(--num_processes "$((per_node * machines))" --dynamo_backend no)
+# What this node was given, for the trainer's check: a GPU launch on a node whose CUDA does not
+# work stops with one line instead of training on the CPU (0 = a CPU run on purpose).
+export CXR_EXPECT_GPUS="$gpus"
 
 # Loader workers and intra-op threads share the task's CPUs.
 cpus="${SLURM_CPUS_PER_TASK:-$(nproc)}"

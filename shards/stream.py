@@ -461,17 +461,19 @@ def _balance(config: StreamConfig, encoder: LabelEncoder, prevalence: dict) -> t
     return {1.0: min(1.0, weight), 0.0: min(1.0, 1.0 / weight) if weight > 0 else 1.0}, index
 
 
-def train_stream(config: StreamConfig, rank: int = 0, world_size: int = 1) -> Stream:
-    """The training stream of one rank: a fixed number of full batches per epoch."""
+def train_stream(config: StreamConfig, rank: int = 0, world_size: int = 1, batch_multiple: int = 1) -> Stream:
+    """The training stream of one rank: a fixed number of full batches per epoch, rounded down to
+    a multiple of `batch_multiple` (the trainer's gradient accumulation: whole optimizer steps)."""
     manifest = load_manifest(config.shards)
     samples = _Samples(config, manifest, _Shared())
     per_epoch = config.samples_per_epoch
     if per_epoch is None:
         per_epoch = round(manifest.samples(config.split, config.views) * config.patient_fraction)
-    batches = per_epoch // (config.batch_size * world_size)
+    batches = per_epoch // (config.batch_size * world_size) // batch_multiple * batch_multiple
     if batches < 1:
         raise DataError(f"{config.shards}: split {config.split!r} has {per_epoch} samples per epoch, fewer "
-                        f"than one batch of {config.batch_size} on each of {world_size} rank(s)")
+                        f"than {batch_multiple} batch(es) of {config.batch_size} on each of {world_size} "
+                        "rank(s)")
     prevalence = manifest.prevalence(config.split)
     balance = _balance(config, samples.encoder, prevalence)
     accept, index = balance if balance else (None, None)

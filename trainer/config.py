@@ -101,6 +101,9 @@ class RunConfig:
     resume: str = "never"
     """never, auto (the latest checkpoint in dir/checkpoints if any), or a checkpoint path."""
     log_every: int = 10
+    signal_check_every: int = 10
+    """Optimizer steps between the ranks' agreement on a preemption signal (an all-reduce and a
+    host sync: not paid every step). SLURM's warning comes minutes before the kill."""
     test_at_end: bool = True
     """Evaluate the best model on the test split when training ends."""
     image_grid: bool = True
@@ -226,7 +229,8 @@ def validate(config: Config) -> None:
     data, model, optim, run = config.data, config.model, config.optim, config.run
     positive = {"data.image_size": data.image_size, "data.batch_size": data.batch_size,
                 "optim.epochs": optim.epochs, "optim.grad_accum": optim.grad_accum,
-                "run.keep_last": run.keep_last, "run.log_every": run.log_every}
+                "run.keep_last": run.keep_last, "run.log_every": run.log_every,
+                "run.signal_check_every": run.signal_check_every}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be ≥ 1, got {value}")

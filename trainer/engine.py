@@ -7,7 +7,7 @@ function of the optimizer step (no scheduler state to save or to step the wrong 
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -36,6 +36,7 @@ from shards.stream import IMAGENET_GRAY, Stream, StreamConfig, eval_stream, trai
 from shards.targets import LabelPolicy
 from trainer.checkpoint import Checkpointer, TrainState, export_best
 from trainer.config import Config, ConfigError
+from trainer.distributed import compile_prepared, make_accelerator, uses_deepspeed, zero_stage
 from trainer.metrics import Predictions, binary_metrics, choose_threshold, multilabel_metrics
 from trainer.models import build_model, keep_frozen_norms_in_eval, plan_parameters, to_memory_format
 from trainer.tracking import Tracker
@@ -56,10 +57,13 @@ class Preempted(SystemExit):
 
 
 class StopRequest:
-    """SIGUSR1 (SLURM's warning signal) or SIGTERM set a flag; ranks agree on it each step."""
+    """SIGUSR1 (SLURM's warning signal) or SIGTERM set a flag; ranks agree on it every `every`
+    optimizer steps (the same steps on every rank, so all stop at the same step). Agreeing costs
+    an all-reduce and a host sync: on a GPU, not something to pay at every step."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: int = 1) -> None:
         self.requested = False
+        self.every = every
         if threading.current_thread() is not threading.main_thread():
             return  # a Ray Tune trial runs in a thread: Tune stops and restores trials itself
         for signum in (signal.SIGUSR1, signal.SIGTERM):
@@ -69,10 +73,12 @@ class StopRequest:
         self.requested = True
         log.warning("signal %s: checkpointing at the next step, then exiting %d", signum, EXIT_REQUEUE)
 
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """True on every rank if any rank was signalled (one tiny all-reduce)."""
+    def agreed(self, accelerator: Accelerator, step: int) -> bool:
+        """True on every rank if any rank was signalled (one tiny all-reduce every `every` steps)."""
         if accelerator.num_processes == 1:
-            return self.requested
+            return self.requested  # nothing to agree on: no collective, no device sync
+        if step % self.every:
+            return False
         flag = torch.tensor([float(self.requested)], device=accelerator.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
@@ -103,6 +109,10 @@ class Run:
     """(trainable, total) parameter counts under the freeze strategy, for the model card."""
     clock: float = 0.0
     """perf_counter() when training time was last added to state.train_seconds."""
+    lr_factor: float = 1.0
+    """The schedule's factor at the last optimizer step (logged as lr × factor)."""
+    eval_copy: torch.nn.Module | None = None
+    """ZeRO-3 only: an unsharded copy of the model that evaluation runs on (see `eval_model`)."""
 
     @property
     def binary(self) -> bool:
@@ -138,11 +148,14 @@ def stream_config(cfg: Config, model: torch.nn.Module, split: str) -> StreamConf
 
 
 def setup(cfg: Config, accelerator: Accelerator) -> Run:
+    """Build everything the loop needs, in the order a GPU node needs it (trainer/distributed.py):
+    model and streams on the host, `prepare` (device, DDP/DeepSpeed), then compile and EMA from
+    the prepared model, then the checkpoint to resume from."""
     run_dir = Path(cfg.run.dir)
-    manifest = load_manifest(Path(cfg.data.shards))
-    labels = resolve_label_set(cfg.data.labels) if cfg.data.labels else manifest.label_names
-    if cfg.run.metric == "auroc_chexpert5" and not set(COMPETITION5) <= set(labels):
-        raise ConfigError("run.metric: auroc_chexpert5 needs the five competition labels in data.labels")
+    labels = run_labels(cfg)
+    if cfg.optim.ema and zero_stage(accelerator) == 3:
+        raise ConfigError("optim.ema: not supported under DeepSpeed ZeRO-3 (the weights are sharded); "
+                          "use ZeRO-2 or DDP")
     set_seed(cfg.run.seed)
     model = build_model(cfg.model, num_classes=len(labels))
     plan = plan_parameters(model, cfg.model.freeze, cfg.model.layer_decay, cfg.optim.weight_decay)
@@ -150,41 +163,78 @@ def setup(cfg: Config, accelerator: Accelerator) -> Run:
                       f"(freeze={cfg.model.freeze})")
     # DeepSpeed flattens parameters into buffers: it needs them contiguous, not channels_last.
     to_memory_format(model, cfg.model.channels_last and not uses_deepspeed(accelerator))
-    rank, world = accelerator.process_index, accelerator.num_processes
-    train = train_stream(stream_config(cfg, model, "train"), rank, world)
-    val = eval_stream(stream_config(cfg, model, "val"), rank, world)
-    test = eval_stream(stream_config(cfg, model, "test"), rank, world) if cfg.run.test_at_end else None
-    ema = None
-    if cfg.optim.ema:
-        from timm.utils import ModelEmaV3  # noqa: PLC0415 - optional feature
-
-        ema = ModelEmaV3(model, decay=cfg.optim.ema)
-    if cfg.model.compile:
-        model = torch.compile(model)
+    train, val, test = build_streams(cfg, model, accelerator)
     optimizer = torch.optim.AdamW(plan.groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     model, optimizer = accelerator.prepare(model, optimizer)
+    input_dtype = match_deepspeed_dtype(model, accelerator)
+    model = compile_prepared(model, accelerator, cfg.model.compile)
+    ema = build_ema(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.optim.ema)
     pos_weight = train.pos_weight.to(accelerator.device) if cfg.optim.pos_weight else None
     checkpointer = Checkpointer(run_dir, accelerator, cfg.run.keep_last)
-    state = TrainState()
+    state, resumed = resume(cfg, checkpointer, train, ema, accelerator)
+    tracker = Tracker(run_dir, accelerator.is_main_process, state.step if resumed else None)
+    tracker.text("parameters", f"trainable {plan.trainable} / total {plan.total}", state.step)
+    return Run(cfg, accelerator, run_dir, model, optimizer, train, val, test, labels, pos_weight, ema,
+               checkpointer, tracker, state, StopRequest(cfg.run.signal_check_every), input_dtype,
+               (plan.trainable, plan.total))
+
+
+def run_labels(cfg: Config) -> tuple[str, ...]:
+    manifest = load_manifest(Path(cfg.data.shards))
+    labels = resolve_label_set(cfg.data.labels) if cfg.data.labels else manifest.label_names
+    if cfg.run.metric == "auroc_chexpert5" and not set(COMPETITION5) <= set(labels):
+        raise ConfigError("run.metric: auroc_chexpert5 needs the five competition labels in data.labels")
+    return tuple(labels)
+
+
+def build_streams(cfg: Config, model: torch.nn.Module,
+                  accelerator: Accelerator) -> tuple[Stream, Stream, Stream | None]:
+    """This rank's train/val/test streams. An epoch is a whole number of optimizer steps: a batch
+    left over would carry its gradient into the next epoch, past the epoch-end checkpoint (lost
+    on resume), and make epochs differ in length."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train = train_stream(stream_config(cfg, model, "train"), rank, world, batch_multiple=cfg.optim.grad_accum)
+    val = eval_stream(stream_config(cfg, model, "val"), rank, world)
+    test = eval_stream(stream_config(cfg, model, "test"), rank, world) if cfg.run.test_at_end else None
+    return train, val, test
+
+
+def match_deepspeed_dtype(model: torch.nn.Module, accelerator: Accelerator) -> torch.dtype:
+    """The dtype inputs must have: float32, or the parameters' own dtype under DeepSpeed bf16
+    (it casts the parameters, does not autocast, and leaves buffers alone: BatchNorm needs the
+    buffers cast too)."""
+    if not uses_deepspeed(accelerator):
+        return torch.float32
+    dtype = next(model.parameters()).dtype
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(dtype)
+    return dtype
+
+
+def build_ema(model: torch.nn.Module, decay: float | None) -> object | None:
+    """EMA of the prepared (plain, unwrapped) model: on the model's device, kept in float32 even
+    when the model is bf16 (DeepSpeed bf16), since 1 − decay ≈ 1e-3 updates vanish in bf16."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3  # noqa: PLC0415 - optional feature
+
+    return ModelEmaV3(model, decay=decay, dtype=torch.float32)
+
+
+def resume(cfg: Config, checkpointer: Checkpointer, train: Stream, ema: object | None,
+           accelerator: Accelerator) -> tuple[TrainState, bool]:
+    """The state to continue from (run.resume: never, auto or a checkpoint path)."""
     resume_from = checkpointer.latest() if cfg.run.resume == "auto" else (
         Path(cfg.run.resume) if cfg.run.resume != "never" else None)
-    if resume_from is not None:
-        state = checkpointer.load(resume_from)
-        train.load_state_dict(state.stream)
-        if ema is not None:
-            ema.load_state_dict(load_file(str(resume_from / "ema.safetensors")))
-        accelerator.print(f"resumed from {resume_from} (step {state.step}, epoch {state.epoch})")
-    tracker = Tracker(run_dir, accelerator.is_main_process, state.step if resume_from else None)
-    tracker.text("parameters", f"trainable {plan.trainable} / total {plan.total}", state.step)
-    input_dtype = torch.float32
-    if uses_deepspeed(accelerator):
-        # DeepSpeed bf16 casts the parameters but not the buffers; BatchNorm needs both alike.
-        input_dtype = next(model.parameters()).dtype
-        for buffer in model.buffers():
-            if buffer.is_floating_point():
-                buffer.data = buffer.data.to(input_dtype)
-    return Run(cfg, accelerator, run_dir, model, optimizer, train, val, test, labels, pos_weight, ema,
-               checkpointer, tracker, state, StopRequest(), input_dtype, (plan.trainable, plan.total))
+    if resume_from is None:
+        return TrainState(), False
+    state = checkpointer.load(resume_from)
+    train.load_state_dict(state.stream)
+    if ema is not None:
+        ema.load_state_dict(load_file(str(resume_from / "ema.safetensors")))
+    accelerator.print(f"resumed from {resume_from} (step {state.step}, epoch {state.epoch})")
+    return state, True
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
@@ -210,9 +260,9 @@ def train_epoch(run: Run, epoch: int, total_steps: int, warmup: int) -> None:
             run.tracker.images("train/images", batch["image"], 0)
         with accelerator.accumulate(run.model):
             if accelerator.sync_gradients:  # set before backward: DeepSpeed steps inside it
-                factor = lr_factor(state.step, warmup, total_steps, cfg.optim.min_lr_ratio)
+                run.lr_factor = lr_factor(state.step, warmup, total_steps, cfg.optim.min_lr_ratio)
                 for group in run.optimizer.param_groups:
-                    group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0) * factor
+                    group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0) * run.lr_factor
             # forward under autocast (DeepSpeed casts the model instead: cast the input to match)
             with accelerator.autocast():
                 logits = run.model(batch["image"].to(run.input_dtype))
@@ -248,7 +298,7 @@ def after_optimizer_step(run: Run, window: dict, started: float) -> None:
         mean_loss = accelerator.reduce(window["loss"] / window["batches"], reduction="mean").item()
         seconds = max(1e-9, time.perf_counter() - started)
         record = {"split": "train", "epoch": state.epoch, "step": state.step, "loss": mean_loss,
-                  "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": window["images"] / seconds,
+                  "lr": cfg.optim.lr * run.lr_factor, "img_per_s": window["images"] / seconds,
                   "data_wait": window["wait"] / seconds}
         if torch.cuda.is_available():
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -256,7 +306,7 @@ def after_optimizer_step(run: Run, window: dict, started: float) -> None:
         window.update(loss=torch.zeros((), device=accelerator.device), batches=0, images=0, wait=0.0)
     if cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0:
         save_checkpoint(run)
-    if run.stop.agreed(accelerator):
+    if run.stop.agreed(accelerator, state.step):
         save_checkpoint(run)
         if accelerator.is_main_process:
             write_json_atomic(run.run_dir / "preempted.json", {"step": state.step, "exit_code": EXIT_REQUEUE})
@@ -279,14 +329,16 @@ def save_checkpoint(run: Run) -> None:
 
 
 def predict(run: Run, stream: Stream) -> Predictions:
-    """Every sample of the split scored once: local predictions gathered from all ranks, by key."""
-    model = run.ema.module if run.ema is not None else plain_model(run)
+    """Every sample of the split scored once: local predictions gathered from all ranks, by key.
+    The forwards are local (no collective), so ranks may hold different numbers of batches."""
+    model = eval_model(run)
     model.eval()
+    dtype = next(model.parameters()).dtype
     keys, probs, targets, masks = [], [], [], []
-    with torch.no_grad(), full_parameters(run):
+    with torch.no_grad():
         for batch in stream.batches(run.accelerator.device):
             with run.accelerator.autocast():
-                logits = model(batch["image"].to(run.input_dtype))
+                logits = model(batch["image"].to(dtype))
             keys += batch["key"]
             probs.append(torch.sigmoid(logits.float()).cpu().numpy())
             targets.append(batch["target"].cpu().numpy())
@@ -297,15 +349,31 @@ def predict(run: Run, stream: Stream) -> Predictions:
     return Predictions.merge(parts)
 
 
-def full_parameters(run: Run) -> contextlib.AbstractContextManager:
-    """ZeRO-3 shards every weight, and each forward gathers them collectively: ranks with
-    different numbers of evaluation batches would then wait on each other forever. Gather the
-    whole model once (all ranks, same point), so evaluation forwards are local."""
+def eval_model(run: Run) -> torch.nn.Module:
+    """The module evaluation runs on: the EMA, the plain (uncompiled, unwrapped) model, or under
+    ZeRO-3 an unsharded copy. ZeRO-3's module hooks gather and re-partition weights around every
+    forward (collectives), even inside GatheredParameters: ranks with different numbers of
+    evaluation batches would wait on each other forever. Every rank gathers the weights once, at
+    the same point, into a plain copy whose forwards are local."""
+    if run.ema is not None:
+        return run.ema.module
     if zero_stage(run.accelerator) != 3:
-        return contextlib.nullcontext()
+        return plain_model(run)
     import deepspeed  # noqa: PLC0415 - only with DeepSpeed
 
-    return deepspeed.zero.GatheredParameters(list(run.model.parameters()), modifier_rank=None)
+    sharded = plain_model(run)
+    if run.eval_copy is None:
+        spec = dataclasses.replace(run.cfg.model, pretrained=False, weights=None)
+        run.eval_copy = build_model(spec, num_classes=len(run.labels)).to(
+            run.accelerator.device, run.input_dtype)
+    copy_parameters = dict(run.eval_copy.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(sharded.parameters()), modifier_rank=None):
+        for name, parameter in sharded.named_parameters():
+            copy_parameters[name].data.copy_(parameter.data)
+    copy_buffers = dict(run.eval_copy.named_buffers())
+    for name, buffer in sharded.named_buffers():
+        copy_buffers[name].data.copy_(buffer.data)
+    return run.eval_copy
 
 
 def save_predictions(path: Path, labels: tuple[str, ...], predictions: Predictions) -> None:
@@ -384,39 +452,6 @@ def model_card(run: Run, metrics: dict) -> dict:
         "parameters": {"trainable": run.parameters[0], "total": run.parameters[1]},
         "intended_use": "Research on model comparison only. Not for clinical use.",
     }
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    """DDP by default; DeepSpeed when launched with a DeepSpeed accelerate config
-    (launch/accelerate/zero*.yaml), whose batch size, accumulation and clipping come from `cfg`."""
-    handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=False)]
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and (cfg.run.cpu or not torch.cuda.is_available()):
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # DeepSpeed would ask for NCCL
-    accelerator = Accelerator(mixed_precision=cfg.run.precision, cpu=cfg.run.cpu,
-                              gradient_accumulation_steps=cfg.optim.grad_accum, kwargs_handlers=handlers)
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        # The streams are not `prepare`d (they split by rank themselves), so DeepSpeed cannot
-        # infer the micro-batch from a DataLoader: say it explicitly.
-        plugin.deepspeed_config.update({
-            "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-            "gradient_accumulation_steps": cfg.optim.grad_accum,
-            "train_batch_size": cfg.data.batch_size * cfg.optim.grad_accum * accelerator.num_processes,
-            "gradient_clipping": cfg.optim.clip_grad or 0.0,
-        })
-        if plugin.zero_stage == 3:  # the best-model export needs whole weights gathered on rank 0
-            plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    return accelerator
-
-
-def uses_deepspeed(accelerator: Accelerator) -> bool:
-    return accelerator.state.deepspeed_plugin is not None
-
-
-def zero_stage(accelerator: Accelerator) -> int:
-    plugin = accelerator.state.deepspeed_plugin
-    return int(plugin.zero_stage) if plugin is not None else 0
 
 
 def train(cfg: Config, report: Report | None = None) -> dict:
