@@ -22,6 +22,12 @@ def test_yaml_then_overrides(chexpert_shards: Path, tmp_path: Path) -> None:
     assert load_config(tmp_path / "config.yaml") == config, "a saved config loads back identically"
 
 
+def test_a_bare_no_on_the_command_line_is_the_string_no(chexpert_shards: Path) -> None:
+    """YAML 1.1 reads `no` as false: `run.precision=no` must still mean "no mixed precision"."""
+    config = load_config(DEMO, [f"data.shards={chexpert_shards}", "run.precision=bf16", "run.precision=no"])
+    assert config.run.precision == "no"
+
+
 def test_defaults_need_only_the_shards(chexpert_shards: Path) -> None:
     assert load_config(None, [f"data.shards={chexpert_shards}"]).model == Config().model
 

@@ -5,19 +5,36 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from shards.labels import CHEXPERT_LABELS, COMPETITION5
+from shards.tarread import iter_samples
 from tests.conftest import pack_to
-from tests.trainer_helpers import DEMO, DEMO_VIT, best_val, kill_group, records, start, train, wait_for
+from tests.trainer_helpers import (
+    DEMO,
+    DEMO_VIT,
+    ROOT,
+    best_val,
+    environment,
+    free_port,
+    kill_group,
+    records,
+    start,
+    train,
+    wait_for,
+)
 from trainer.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -151,7 +168,6 @@ def test_freeze_strategies_train_exactly_the_intended_parameters(
                          and not n.startswith("fc.")]
     assert all(name in changed for name in trainable_weights), f"{strategy}: a trainable tensor is unchanged"
     checkpoint = next((run_dir / "checkpoints").iterdir())
-    import torch
 
     optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
     trainable_count = sum(1 for n in before if n.startswith(trainable_prefixes) and "running_" not in n
@@ -159,18 +175,40 @@ def test_freeze_strategies_train_exactly_the_intended_parameters(
     assert len(optimizer["state"]) == trainable_count, "frozen parameters must get no optimizer state"
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(learn_shards: Path, tmp_path: Path) -> None:
-    overrides = [f"data.shards={learn_shards}", "optim.epochs=2", "data.samples_per_epoch=640",
-                 "data.batch_size=16", "run.checkpoint_every=4", "run.log_every=2"]  # 20 steps an epoch
+def expected_lr(step: int, lr: float, steps_per_epoch: int, epochs: int, warmup_epochs: float,
+                floor: float = 0.01) -> float:
+    """The documented schedule, written out again: linear warm-up, then cosine to floor × lr."""
+    total = steps_per_epoch * epochs
+    warmup = max(1, min(total - 1, round(warmup_epochs * steps_per_epoch)))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def test_gpu_shaped_config_kill_9_then_resume_equals_an_uninterrupted_run(learn_shards: Path,
+                                                                         tmp_path: Path) -> None:
+    """What every GPU config does, on two CPU ranks: three input channels with the pretrained
+    mean/std, layer-wise LR decay, gradient accumulation over 2 batches. 21 batches per rank and
+    epoch round down to 20 (10 whole optimizer steps: no batch's gradient crosses the epoch-end
+    checkpoint); a kill -9 lands anywhere, mid-accumulation included."""
+    overrides = [f"data.shards={learn_shards}", "optim.epochs=2", "data.samples_per_epoch=672",
+                 "data.batch_size=16", "run.checkpoint_every=4", "run.log_every=2", "model.in_chans=3",
+                 "model.freeze=layer_decay", "optim.grad_accum=2"]
     straight = train(DEMO, [*overrides, f"run.dir={tmp_path / 'straight'}"], processes=2)
     assert straight.returncode == 0, straight.stderr[-4000:]
+    assert [line["step"] for line in records(tmp_path / "straight", "val")] == [10, 20]
+    for line in records(tmp_path / "straight", "train"):  # the step just taken used step - 1's lr
+        assert line["lr"] == pytest.approx(expected_lr(line["step"] - 1, 0.002, 10, 2, 0.3), rel=1e-9)
+    card = json.loads((tmp_path / "straight" / "best" / "model_card.json").read_text())
+    assert card["input"]["channels"] == 3 and card["input"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
 
     run_dir = tmp_path / "killed"
     process = start(DEMO, [*overrides, f"run.dir={run_dir}"], processes=2)
-    wait_for(lambda: (run_dir / "checkpoints" / "step-00000008").is_dir() or process.poll() is not None)
+    wait_for(lambda: (run_dir / "checkpoints" / "step-00000004").is_dir() or process.poll() is not None)
     kill_group(process)
     assert not records(run_dir, "val"), "killed mid-epoch, before the first evaluation"
-    (run_dir / "checkpoints" / ".tmp-step-00000009").mkdir()  # as if killed while saving
+    (run_dir / "checkpoints" / ".tmp-step-00000005").mkdir()  # as if killed while saving
     resumed = train(DEMO, [*overrides, f"run.dir={run_dir}", "run.resume=auto"], processes=2)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout
@@ -253,25 +291,65 @@ def test_binary_pneumonia_reports_threshold_metrics(pneumonia_shards: Path, tmp_
     assert sum(test["confusion"].values()) == test["samples"]
 
 
-def test_ema_weights_are_checkpointed_and_resumed(chexpert_shards: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "ema"
-    overrides = [f"data.shards={chexpert_shards}", f"run.dir={run_dir}", "data.batch_size=8",
-                 "optim.ema=0.9", "run.test_at_end=false"]
-    assert train(DEMO, [*overrides, "optim.epochs=1"]).returncode == 0
+def test_ema_is_built_on_the_models_device_in_float32(chexpert_shards: Path, tmp_path: Path) -> None:
+    """After setup the EMA lives where the prepared model lives (on a GPU node: cuda, not the CPU
+    copy it was once made from), in float32, and shares no storage with the model. Here both are
+    on the CPU: the device half of this check only bites on a GPU."""
+    from accelerate import Accelerator
+
+    from trainer.engine import setup
+
+    cfg = load_config(DEMO, [f"data.shards={chexpert_shards}", f"run.dir={tmp_path / 'run'}", "optim.ema=0.9",
+                             "data.workers=0"])
+    accelerator = Accelerator(cpu=True)
+    run = setup(cfg, accelerator)
+    try:
+        model = dict(run.accelerator.unwrap_model(run.model).named_parameters())
+        for name, tensor in run.ema.module.named_parameters():
+            assert tensor.device == model[name].device == accelerator.device
+            assert tensor.dtype == torch.float32
+            assert tensor.data_ptr() != model[name].data_ptr()
+    finally:
+        run.tracker.close()
+
+
+def test_ema_run_preempted_mid_way_resumes_to_the_uninterrupted_result(chexpert_shards: Path,
+                                                                        tmp_path: Path) -> None:
+    overrides = [f"data.shards={chexpert_shards}", "data.batch_size=8", "optim.ema=0.9", "optim.epochs=2",
+                 "data.samples_per_epoch=160", "run.log_every=1"]  # 20 steps an epoch
+    assert train(DEMO, [*overrides, f"run.dir={tmp_path / 'straight'}"]).returncode == 0
+
+    run_dir = tmp_path / "preempted"
+    process = start(DEMO, [*overrides, f"run.dir={run_dir}"])
+    wait_for(lambda: len(records(run_dir, "train")) >= 3)
+    process.send_signal(signal.SIGUSR1)
+    assert process.wait(timeout=120) == 75
     checkpoint = next((run_dir / "checkpoints").iterdir())
     ema = load_file(str(checkpoint / "ema.safetensors"))
     raw = load_file(str(checkpoint / "model.safetensors"))
     assert set(ema) == {f"module.{k}" for k in raw}
     assert any(not np.array_equal(ema[f"module.{k}"].numpy(), raw[k].numpy()) for k in raw)
-    result = train(DEMO, [*overrides, "optim.epochs=2", "run.resume=auto"])
+    result = train(DEMO, [*overrides, f"run.dir={run_dir}", "run.resume=auto"])
     assert result.returncode == 0, result.stderr[-4000:]
-    assert [line["epoch"] for line in records(run_dir, "val")] == [0, 1]
+    assert "resumed from" in result.stdout
+
+    for split in ("val", "test"):
+        expected, got = records(tmp_path / "straight", split), records(run_dir, split)
+        assert [line["step"] for line in got] == [line["step"] for line in expected]
+        for a, b in zip(got, expected, strict=True):
+            assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-5)
+    straight = load_file(str(tmp_path / "straight" / "best" / "model.safetensors"))
+    resumed = load_file(str(run_dir / "best" / "model.safetensors"))
+    for name, tensor in straight.items():
+        assert torch.allclose(resumed[name].float(), tensor.float(), atol=1e-5), name
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize(("stage", "precision"), [(2, "bf16"), (3, "no")])
 def test_deepspeed_zero_with_frozen_layers_trains_saves_and_resumes(chexpert_shards: Path, tmp_path: Path,
-                                                                     stage: int) -> None:
-    """DeepSpeed on two CPU ranks (gloo): frozen weights stay bit-identical across save and resume."""
+                                                                     stage: int, precision: str) -> None:
+    """DeepSpeed on two CPU ranks (gloo): frozen weights stay bit-identical across save and resume.
+    Under bf16 DeepSpeed casts the model (frozen weights are then the bf16-rounded start values),
+    the export is float32 and the EMA stays float32 beside the bf16 model."""
     import timm
 
     start_weights = tmp_path / "start.safetensors"
@@ -280,7 +358,10 @@ def test_deepspeed_zero_with_frozen_layers_trains_saves_and_resumes(chexpert_sha
     run_dir = tmp_path / "run"
     config = str(Path(DEMO).parents[2] / "launch" / "accelerate" / f"zero{stage}.yaml")
     overrides = [f"data.shards={chexpert_shards}", f"run.dir={run_dir}", "data.batch_size=8",
-                 "model.freeze=head+last_block", "model.pretrained=true", f"model.weights={start_weights}"]
+                 "model.freeze=head+last_block", "model.pretrained=true", f"model.weights={start_weights}",
+                 f"run.precision={precision}"]
+    if precision == "bf16":
+        overrides += ["optim.ema=0.9", "data.image_size=32"]  # 32 px: this CPU may emulate bf16 (slow)
     for epochs in (1, 2):
         result = train(DEMO, [*overrides, f"optim.epochs={epochs}", "run.resume=auto"], processes=2,
                        accelerate_config=config)
@@ -288,17 +369,121 @@ def test_deepspeed_zero_with_frozen_layers_trains_saves_and_resumes(chexpert_sha
     assert [line["epoch"] for line in records(run_dir, "val")] == [0, 1]
     assert "resumed from" in result.stdout and records(run_dir, "test")
     before, after = load_file(str(start_weights)), load_file(str(run_dir / "best" / "model.safetensors"))
-    for name in before:
+    assert {str(t.dtype) for t in after.values() if t.is_floating_point()} == {"torch.float32"}
+    rounded = torch.bfloat16 if precision == "bf16" else torch.float32
+    for name, tensor in before.items():
         if not name.startswith(("fc.", "layer4.")):
-            assert np.array_equal(before[name].numpy(), after[name].numpy()), f"frozen {name} changed"
+            start = tensor.to(rounded).to(tensor.dtype) if tensor.is_floating_point() else tensor
+            # The export is the EMA under bf16: d·x + (1 − d)·x may differ from x in its last bit.
+            tolerance = 1e-6 if precision == "bf16" and tensor.is_floating_point() else 0.0
+            assert torch.allclose(start, after[name], rtol=0.0, atol=tolerance), f"frozen {name} changed"
     assert not np.array_equal(before["layer4.0.conv1.weight"].numpy(), after["layer4.0.conv1.weight"].numpy())
+    if precision == "bf16":
+        checkpoint = next((run_dir / "checkpoints").glob("step-*"))
+        ema = load_file(str(checkpoint / "ema.safetensors"))
+        assert {str(t.dtype) for t in ema.values() if t.is_floating_point()} == {"torch.float32"}
 
 
-def test_torch_compile_smoke(chexpert_shards: Path, tmp_path: Path) -> None:
-    """model.compile=true trains and evaluates (CPU inductor; the first step compiles for ~30 s)."""
-    result = train(DEMO, [f"data.shards={chexpert_shards}", f"run.dir={tmp_path / 'run'}", "optim.epochs=1",
-                          "model.compile=true", "data.batch_size=8", "run.test_at_end=false"])
+def test_compiled_two_process_run_exports_timm_names_explain_and_report_accept_it(
+        chexpert_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.compile=true under DDP (CPU inductor; ~30 s of compiling per rank): the model is
+    compiled after `prepare`, so the exports carry timm's own names, not `_orig_mod.` ones."""
+    import timm
+
+    cache = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    run_dir = tmp_path / "run"
+    result = train(DEMO, [f"data.shards={chexpert_shards}", f"run.dir={run_dir}", "optim.epochs=1",
+                          "model.compile=true", "data.batch_size=8"], processes=2)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert records(tmp_path / "run", "val") and (tmp_path / "run" / "best" / "model.safetensors").is_file()
-    names = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))
-    assert not any(name.startswith("_orig_mod.") for name in names), "exported names are the plain model's"
+    assert any(path.is_file() for path in cache.rglob("*")), "inductor compiled code for the run"
+    expected = set(timm.create_model("resnet10t", num_classes=5, in_chans=1).state_dict())
+    assert set(load_file(str(run_dir / "best" / "model.safetensors"))) == expected
+    checkpoint = next((run_dir / "checkpoints").iterdir())
+    assert set(load_file(str(checkpoint / "model.safetensors"))) == expected
+    explain = ["--run", str(run_dir), "--split", "val", "--n", "2", "--methods", "gradcam", "--steps", "0",
+               "--workers", "0", "--out", str(tmp_path / "explain")]
+    for module, args in (("trainer.explain", explain),
+                         ("trainer.report", ["--runs", str(run_dir), "--out", str(tmp_path / "report"),
+                                             "--resamples", "50"])):
+        done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
+                              timeout=300, check=False)
+        assert done.returncode == 0, f"{module}: {done.stderr[-3000:]}"
+    assert (tmp_path / "explain" / "localization.json").is_file()
+    assert (tmp_path / "report" / "summary.json").is_file()
+
+
+def test_bf16_ddp_learns_and_exports_float32(learn_shards: Path, tmp_path: Path) -> None:
+    """bf16 autocast on two CPU ranks (32 px: this CPU may emulate bf16, 10-20x slower than float32)."""
+    run_dir = tmp_path / "bf16"
+    result = train(DEMO, [f"data.shards={learn_shards}", f"run.dir={run_dir}", "optim.epochs=3",
+                          "run.precision=bf16", "data.image_size=32", "run.test_at_end=false"], processes=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert best_val(run_dir) >= BAR
+    weights = load_file(str(run_dir / "best" / "model.safetensors"))
+    assert {str(t.dtype) for t in weights.values() if t.is_floating_point()} == {"torch.float32"}
+
+
+def frontal_per_consumer(shards: Path, split: str, consumers: int) -> list[int]:
+    """Frontal samples in each evaluation consumer's contiguous span of the split (manifest
+    order), read straight from the tars: the documented exactly-once contract, not the stream."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    views = [json.loads(raw["json"])["view"] for shard in manifest["splits"][split]["shards"]
+             for raw in iter_samples(shards / shard["name"], wanted=("jpg", "json"))]
+    total = len(views)
+    return [sum(v == "frontal" for v in views[c * total // consumers:(c + 1) * total // consumers])
+            for c in range(consumers)]
+
+
+def test_zero3_evaluates_ranks_with_unequal_batch_counts(chexpert_shards: Path, tmp_path: Path) -> None:
+    """The frontal-view filter runs after the rank split, so ranks can hold different numbers of
+    evaluation batches: ZeRO-3 evaluation must neither hang nor score a sample twice. Compile is
+    asked for and turned off (one line)."""
+    counts = frontal_per_consumer(chexpert_shards, "val", 2)  # 2 ranks × 1 loader worker
+    batch = next((b for b in range(2, 9) if len({math.ceil(n / b) for n in counts}) == 2), None)
+    assert batch is not None, f"no batch size gives the ranks unequal batch counts: {counts}"
+    run_dir = tmp_path / "run"
+    config = str(ROOT / "launch" / "accelerate" / "zero3.yaml")
+    result = train(DEMO, [f"data.shards={chexpert_shards}", f"run.dir={run_dir}", "optim.epochs=1",
+                          f"data.batch_size={batch}", "data.views=frontal", "data.workers=1",
+                          "data.samples_per_epoch=32", "model.compile=true", "run.test_at_end=false"],
+                   processes=2, accelerate_config=config, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("model.compile: off under DeepSpeed ZeRO-3") == 1
+    (val,) = records(run_dir, "val")
+    assert val["samples"] == val["gathered"] == sum(counts)
+    keys = np.load(run_dir / "predictions_val.npz")["keys"]
+    assert len(set(keys.tolist())) == len(keys) == sum(counts)
+
+
+@pytest.mark.parametrize("launch", ["multi_gpu", "deepspeed", "node.sh"])
+def test_a_gpu_launch_on_a_node_without_gpus_stops_in_one_line(chexpert_shards: Path, tmp_path: Path,
+                                                               launch: str) -> None:
+    """No GPU here is the real thing for this test: launches that ask for GPUs must stop before
+    writing anything instead of training on the CPU (CPU runs say so: see trainer_helpers)."""
+    run_dir = tmp_path / "run"
+    args = ["--config", DEMO, f"data.shards={chexpert_shards}", f"run.dir={run_dir}"]
+    env = environment() | {"CXR_EXPECT_GPUS": ""}
+    env.pop("ACCELERATE_USE_CPU")
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    common = ["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())]
+    if launch == "multi_gpu":
+        command = [accelerate, "launch", "--multi_gpu", *common]
+        expected = "accelerate launch with 2 processes"
+    elif launch == "deepspeed":
+        command = [accelerate, "launch", "--config_file", str(ROOT / "launch" / "accelerate" / "zero2.yaml"),
+                   *common]
+        expected = "a DeepSpeed accelerate config"
+    else:
+        command, expected = ["bash", str(ROOT / "launch" / "node.sh")], "CXR_EXPECT_GPUS=2"
+        env |= {"CXR_ROOT": str(ROOT), "CXR_ACCELERATE": accelerate, "GPUS_PER_NODE": "2",
+                "NUM_MACHINES": "1", "MACHINE_RANK": "0", "MAIN_PORT": str(free_port())}
+    if launch != "node.sh":
+        command += [str(ROOT / "trainer" / "run.py")]
+    done = subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+                          check=False)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert ours, done.stderr[-3000:]  # one line per rank that got there before the launcher stopped the rest
+    assert all(f"({expected}" in line and "torch sees 0 CUDA device(s)" in line for line in ours), ours
+    assert not run_dir.exists()

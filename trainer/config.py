@@ -187,6 +187,8 @@ def _coerce(value: object, kind: object, key: str) -> object:
     """Check one value against its type hint (converting int or numeric text to float)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` (run.precision=no) as false
+            value = "no"
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
