@@ -439,7 +439,9 @@ class Stream:
         self._shared.epoch.value = self.epoch
         self._shared.start_batch.value = self.next_batch
         for message in self.loader:
-            yield unpack(message)
+            batch = unpack(message)
+            del message  # hands a worker's shared buffer back now, not one batch later
+            yield batch
 
     def batches(self, device: torch.device | str = "cpu", prefetch: int | None = None) -> Iterator[dict]:
         """One epoch (train: from the saved position) of batches ready for the model on `device`.
