@@ -46,7 +46,7 @@ from shards.augment import (
     warp,
     warp_cpu,
 )
-from shards.decode import DecodeError, decode_gray
+from shards.decode import DecodeError, Scratch, decode_gray
 from shards.errors import DataError
 from shards.labels import RAW_VALUES, resolve_label_set
 from shards.lesion import decode_lesion, label_planes, resize_nearest
@@ -139,6 +139,8 @@ class _Samples:
         self.encoder = LabelEncoder(names, config.policy)
         self.on_device = config.decode_device == "cuda" and self.fmt == "jpg"
         self.warp_on_device = config.warp_on == "device"
+        self.scratch = Scratch()
+        """Decode memory of the batch being loaded (warp_on=device: images wait for collate)."""
         known = manifest.label_names
         self.lesion_bits = [known.index(name) if name in known else None for name in names] \
             if config.with_lesion_masks else None
@@ -182,7 +184,8 @@ class _Samples:
             item["jpeg"] = raw["jpg"]
             return item
         try:
-            pixels = decode_gray(raw[self.fmt], self.fmt, self.config.image_size)
+            pixels = decode_gray(raw[self.fmt], self.fmt, self.config.image_size,
+                                 self.scratch if self.warp_on_device else None)
         except DecodeError as err:
             self.shared.count_skip(str(err), item["key"])
             return None
@@ -227,6 +230,7 @@ class _Samples:
             for row, item in zip(packer["lesion"], items, strict=True):
                 row[...] = item["lesion"]
         self._fill_pixels(items, packer)
+        self.scratch.reset()  # the items' pixels are in the buffer now: their decode memory is free
         return packer.message(key=[item["key"] for item in items])
 
     def _pixel_fields(self, items: list[dict]) -> dict[str, tuple[type, tuple[int, ...]]]:
