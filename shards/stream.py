@@ -14,7 +14,11 @@ spans, one per (rank, worker); a consumer reads only the shards that overlap its
 sample is seen exactly once, with no padding duplicates, and each batch carries its keys.
 
 Workers yield uint8 images; `Stream.batches(device)` moves them and normalises on the device.
-With `decode_device="cuda"` workers ship JPEG bytes and the decode + warp run on the GPU.
+With `decode_device="cuda"` workers ship JPEG bytes and the decode + warp run on the GPU. A worker
+batch crosses as one shared-memory buffer (`shards.wire`): pixels, targets, masks and the warp
+parameters as tensors (theta N×2×3, brightness, contrast), pinned in one piece when
+`pin_memory` is set. On a CUDA device batch k+1 is staged on a side stream while the caller runs
+step k (`shards.staging`); the position still counts only batches handed out.
 """
 
 from __future__ import annotations
