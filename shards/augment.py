@@ -235,4 +235,7 @@ def normalize_constants(mean: tuple[float, ...], std: tuple[float, ...],
     device): not a Python list → device tensor (a blocking copy) on every batch."""
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, -1, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32)
-    return scale.to(device), shift.view(1, -1, 1, 1).to(device)
+    scale, shift = scale.to(device), shift.view(1, -1, 1, 1).to(device)
+    if device.type == "cuda":  # once per entry: then any stream may read them (staging uses a side one)
+        torch.cuda.synchronize(device)
+    return scale, shift
