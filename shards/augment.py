@@ -10,11 +10,18 @@ decode itself; an axis-aligned crop becomes a crop view and one antialiased resi
 agree up to interpolation differences. Horizontal flip is off by default: chest X-rays are not
 mirror-symmetric (heart on the left, situs inversus is a finding). Rotation is in `strong` only:
 it turns the cheap box resize into a general affine resample, twice the cost on a CPU.
+
+On the device path nothing per sample is a Python object by the time it reaches the device: the
+worker collates the draws into tensors (`batch_params`) that are pinned and copied with the
+pixels, `warp` rescales every matrix to the padded canvas in one vectorised step, and
+`normalize` keeps its constants on the device.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -69,20 +76,31 @@ IDENTITY = WarpParams(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=np.floa
 
 
 def sample_params(config: AugmentConfig, rng: np.random.Generator) -> WarpParams:
-    """Draw one sample's augmentation; `none` is the identity (the whole image, squashed)."""
+    """Draw one sample's augmentation; `none` is the identity (the whole image, squashed).
+
+    All uniforms come from one `rng.random(n)` call, scaled as numpy's `uniform` scales them
+    (low + (high − low)·u), in the order of the earlier one-call-per-draw code: the same values,
+    bit for bit, at a seventh of the cost (≈35 µs per sample was a tenth of a worker's decode).
+    """
     if config.policy == "none":
         return IDENTITY
-    area = rng.uniform(*config.crop_scale)
-    ratio = math.exp(rng.uniform(math.log(config.crop_ratio[0]), math.log(config.crop_ratio[1])))
+    draws = iter(rng.random(_draw_count(config)).tolist())
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * next(draws)
+
+    area = uniform(*config.crop_scale)
+    ratio = math.exp(uniform(math.log(config.crop_ratio[0]), math.log(config.crop_ratio[1])))
     width, height = min(1.0, math.sqrt(area * ratio)), min(1.0, math.sqrt(area / ratio))
-    center_x = rng.uniform(-(1.0 - width), 1.0 - width)
-    center_y = rng.uniform(-(1.0 - height), 1.0 - height)
-    angle = math.radians(rng.uniform(-config.rotate_deg, config.rotate_deg)) if config.rotate_deg else 0.0
-    shift_x, shift_y = rng.uniform(-config.translate, config.translate, size=2) * 2.0
+    center_x = uniform(-(1.0 - width), 1.0 - width)
+    center_y = uniform(-(1.0 - height), 1.0 - height)
+    angle = math.radians(uniform(-config.rotate_deg, config.rotate_deg)) if config.rotate_deg else 0.0
+    shift_x = uniform(-config.translate, config.translate) * 2.0
+    shift_y = uniform(-config.translate, config.translate) * 2.0
     # The shift moves the crop window but never past the image edge: no black borders.
-    shift_x = float(np.clip(center_x + shift_x, -(1.0 - width), 1.0 - width)) - center_x
-    shift_y = float(np.clip(center_y + shift_y, -(1.0 - height), 1.0 - height)) - center_y
-    flip = -1.0 if config.hflip and rng.random() < 0.5 else 1.0
+    shift_x = min(max(center_x + shift_x, -(1.0 - width)), 1.0 - width) - center_x
+    shift_y = min(max(center_y + shift_y, -(1.0 - height)), 1.0 - height) - center_y
+    flip = -1.0 if config.hflip and next(draws) < 0.5 else 1.0
     cos, sin = math.cos(angle), math.sin(angle)
     # input = crop_scale · rotation · output + crop_center + shift
     theta = np.array(
@@ -90,34 +108,69 @@ def sample_params(config: AugmentConfig, rng: np.random.Generator) -> WarpParams
          [height * sin, height * cos, center_y + shift_y]],
         dtype=np.float32,
     )
-    brightness = 1.0 + rng.uniform(-config.brightness, config.brightness)
-    contrast = 1.0 + rng.uniform(-config.contrast, config.contrast)
-    return WarpParams(theta, float(brightness), float(contrast))
+    brightness = 1.0 + uniform(-config.brightness, config.brightness)
+    contrast = 1.0 + uniform(-config.contrast, config.contrast)
+    return WarpParams(theta, brightness, contrast)
 
 
-def warp(images: list[torch.Tensor], params: list[WarpParams], size: int) -> torch.Tensor:
-    """Warp 1×H×W images of any sizes into one N×1×size×size float batch (0..255 scale).
+def _draw_count(config: AugmentConfig) -> int:
+    """Uniforms per sample: crop (4), rotation (if any), shift (2), flip (if on), photometric (2)."""
+    return 8 + bool(config.rotate_deg) + bool(config.hflip)
 
-    Images are padded into one canvas and each matrix is rescaled to its image's corner of the
-    canvas, so a single `grid_sample` serves a ragged batch: on a GPU that is one kernel, not N.
-    Outside the image the result is 0 (black), as with per-image zero padding.
+
+def batch_params(params: Sequence[WarpParams]) -> dict[str, torch.Tensor]:
+    """A batch's draws as tensors: theta N×2×3, brightness N, contrast N (float32).
+
+    Built once in the loader worker, so they cross to the device as pinned tensors beside the
+    pixels, not as Python objects turned into device tensors on every step.
     """
-    height = max(image.shape[-2] for image in images)
-    width = max(image.shape[-1] for image in images)
-    device = images[0].device
-    canvas = torch.zeros(len(images), 1, height, width, dtype=torch.float32, device=device)
-    thetas = torch.empty(len(images), 2, 3, dtype=torch.float32)
-    for i, (image, param) in enumerate(zip(images, params, strict=True)):
-        h, w = image.shape[-2:]
-        canvas[i, :, :h, :w] = image
-        theta = torch.from_numpy(param.theta)
-        # Image-frame coords u map to canvas coords (u + 1) · w / W - 1 (align_corners=False).
-        scale = torch.tensor([[w / width], [h / height]], dtype=torch.float32)
-        thetas[i] = theta * scale
-        thetas[i, :, 2] += scale[:, 0] - 1.0
-    grid = F.affine_grid(thetas.to(device), [len(images), 1, size, size], align_corners=False)
-    out = F.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return photometric(out, params)
+    return {
+        "theta": torch.from_numpy(np.stack([p.theta for p in params]).astype(np.float32, copy=False)),
+        "brightness": torch.tensor([p.brightness for p in params], dtype=torch.float32),
+        "contrast": torch.tensor([p.contrast for p in params], dtype=torch.float32),
+    }
+
+
+def pad_canvas(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged 1×h×w (or h×w) images → an N×H×W zero-padded canvas (image i in its top-left corner) on
+    their device, and their sizes N×2 (h, w) int64 on the host. One copy per image: for images that
+    exist only as separate tensors (nvJPEG output); the loader workers build their canvas themselves.
+    """
+    shapes = [tuple(image.shape[-2:]) for image in images]
+    height, width = max(h for h, _ in shapes), max(w for _, w in shapes)
+    canvas = images[0].new_zeros(len(images), height, width)
+    for index, (image, (h, w)) in enumerate(zip(images, shapes, strict=True)):
+        canvas[index, :h, :w] = image.reshape(h, w)
+    return canvas, torch.tensor(shapes, dtype=torch.int64)
+
+
+def canvas_theta(theta: torch.Tensor, sizes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Rescale each image-frame matrix to its image's top-left corner of a height×width canvas.
+
+    Image-frame coords u map to canvas coords (u + 1)·w/W − 1 (align_corners=False): row 0 of θ
+    scales by w/W and row 1 by h/H, and the offsets gain w/W − 1, h/H − 1. Vectorised over the
+    batch (no per-image loop, no host round trip) on whatever device `theta` and `sizes` are.
+    """
+    scale = torch.stack((sizes[:, 1] / width, sizes[:, 0] / height), dim=1).to(theta.dtype)  # N×2
+    out = theta * scale[:, :, None]
+    out[:, :, 2] += scale - 1.0
+    return out
+
+
+def warp(canvas: torch.Tensor, sizes: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    """Warp a ragged batch into one N×1×size×size float batch (0..255 scale), geometry only.
+
+    `canvas`: N×H×W or N×1×H×W (uint8 or float), image i in its top-left sizes[i] = (h, w) corner
+    and zeros elsewhere (`pad_canvas`, or the loader's collate); `theta`: N×2×3 image-frame
+    matrices (`batch_params`). Each matrix is rescaled to its corner of the canvas, so one
+    `grid_sample` serves a ragged batch: on a GPU one kernel, not N. Outside the image the result
+    is 0 (black), as with per-image zero padding. Brightness/contrast: `photometric`.
+    """
+    height, width = canvas.shape[-2:]
+    canvas = canvas.reshape(len(canvas), 1, height, width).float()
+    thetas = canvas_theta(theta.float(), sizes, height, width)
+    grid = F.affine_grid(thetas, [len(canvas), 1, size, size], align_corners=False)
+    return F.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def warp_cpu(pixels: np.ndarray, params: WarpParams, size: int) -> torch.Tensor:
@@ -144,17 +197,24 @@ def warp_cpu(pixels: np.ndarray, params: WarpParams, size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(out))[None]
 
 
-def photometric(batch: torch.Tensor, params: list[WarpParams]) -> torch.Tensor:
+def photometric(batch: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
     """Brightness scales intensities; contrast stretches them about each image's mean. In place.
 
     ((x·b − m)·c + m with m = mean(x·b)) folds into one per-image multiply-add: x·bc + m(1 − c).
+    `brightness`, `contrast`: N float tensors on the batch's device (`batch_params`). Always
+    computes: whether a batch is all identity is the caller's question, best asked on the host
+    (`is_identity`), since asking it of device tensors would wait on the device.
     """
-    if all(p.brightness == 1.0 and p.contrast == 1.0 for p in params):
-        return batch
-    brightness = torch.tensor([p.brightness for p in params], device=batch.device).view(-1, 1, 1, 1)
-    contrast = torch.tensor([p.contrast for p in params], device=batch.device).view(-1, 1, 1, 1)
+    brightness = brightness.to(batch.dtype).view(-1, 1, 1, 1)
+    contrast = contrast.to(batch.dtype).view(-1, 1, 1, 1)
     offset = batch.mean(dim=(1, 2, 3), keepdim=True) * brightness * (1.0 - contrast)
     return batch.mul_(brightness * contrast).add_(offset).clamp_(0.0, 255.0)
+
+
+def is_identity(brightness: torch.Tensor, contrast: torch.Tensor) -> bool:
+    """True when no sample of the batch changes intensities (eval, policy none): `photometric` can be
+    skipped. Meant for the host copies: on device tensors the answer would cost a sync."""
+    return bool((brightness == 1.0).all()) and bool((contrast == 1.0).all())
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -164,6 +224,18 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     (4× less than float32), and the arithmetic runs where the model runs, as one broadcast
     multiply-add that also repeats the gray channel.
     """
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device).view(1, -1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=images.device)
-    return (images.float() * scale).add_(shift.view(1, -1, 1, 1))
+    scale, shift = normalize_constants(tuple(mean), tuple(std), images.device)
+    return (images.float() * scale).add_(shift)
+
+
+@functools.lru_cache(maxsize=32)
+def normalize_constants(mean: tuple[float, ...], std: tuple[float, ...],
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`normalize`'s 1×C×1×1 scale and shift, built on the host and moved once per (mean, std,
+    device): not a Python list → device tensor (a blocking copy) on every batch."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32)
+    scale, shift = scale.to(device), shift.view(1, -1, 1, 1).to(device)
+    if device.type == "cuda":  # once per entry: then any stream may read them (staging uses a side one)
+        torch.cuda.synchronize(device)
+    return scale, shift

@@ -14,11 +14,16 @@ spans, one per (rank, worker); a consumer reads only the shards that overlap its
 sample is seen exactly once, with no padding duplicates, and each batch carries its keys.
 
 Workers yield uint8 images; `Stream.batches(device)` moves them and normalises on the device.
-With `decode_device="cuda"` workers ship JPEG bytes and the decode + warp run on the GPU.
+With `decode_device="cuda"` workers ship JPEG bytes and the decode + warp run on the GPU. A worker
+batch crosses as one shared-memory buffer (`shards.wire`): pixels, targets, masks and the warp
+parameters as tensors (theta N×2×3, brightness, contrast), pinned in one piece when
+`pin_memory` is set. On a CUDA device batch k+1 is staged on a side stream while the caller runs
+step k (`shards.staging`); the position still counts only batches handed out.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import multiprocessing as mp
@@ -36,20 +41,25 @@ from shards.augment import (
     IDENTITY,
     AugmentConfig,
     WarpParams,
+    batch_params,
+    is_identity,
     normalize,
+    pad_canvas,
     photometric,
     sample_params,
     warp,
     warp_cpu,
 )
-from shards.decode import DecodeError, decode_gray
+from shards.decode import DecodeError, Scratch, decode_gray
 from shards.errors import DataError
 from shards.labels import RAW_VALUES, resolve_label_set
 from shards.lesion import decode_lesion, label_planes, resize_nearest
 from shards.manifest import Manifest, ShardInfo, load_manifest
 from shards.split import patient_unit
+from shards.staging import stager
 from shards.targets import LabelEncoder, LabelPolicy
 from shards.tarread import TarFormatError, iter_samples
+from shards.wire import Packer, unpack
 
 log = logging.getLogger("shards.stream")
 IMAGENET_GRAY = ((0.449,), (0.226,))
@@ -75,6 +85,9 @@ class StreamConfig:
     workers: int = 2
     shuffle_buffer: int = 1000
     seed: int = 0
+    pin_memory: bool = False
+    """Pin the loader's host batches (the DataLoader's pin thread): set it when the model runs on a
+    CUDA device, so every host→device copy is asynchronous. decode_device=cuda implies it."""
     decode_device: Literal["cpu", "cuda"] = "cpu"
     """cuda: workers ship JPEG bytes; decode (nvJPEG) and warp run on the GPU."""
     warp_on: Literal["worker", "device"] = "worker"
@@ -130,6 +143,8 @@ class _Samples:
         self.encoder = LabelEncoder(names, config.policy)
         self.on_device = config.decode_device == "cuda" and self.fmt == "jpg"
         self.warp_on_device = config.warp_on == "device"
+        self.scratch = Scratch()
+        """Decode memory of the batch being loaded (warp_on=device: images wait for collate)."""
         known = manifest.label_names
         self.lesion_bits = [known.index(name) if name in known else None for name in names] \
             if config.with_lesion_masks else None
@@ -161,61 +176,98 @@ class _Samples:
         return meta
 
     def load(self, raw: dict, meta: dict, params: WarpParams) -> dict | None:
-        """Decode + warp on the CPU (or pass bytes for the device); None if undecodable."""
-        target, mask = self.encoder(meta.get("labels", {}))
-        item = {"key": meta.get("key", raw["__key__"]), "target": target, "mask": mask, "params": params}
+        """Decode + warp on the CPU (or keep the bytes for the device); None if undecodable.
+
+        Per-sample values stay plain Python/numpy here: `collate` writes them into the batch's
+        one buffer, so no per-sample tensor is made.
+        """
+        item = {"key": meta.get("key", raw["__key__"]), "labels": meta.get("labels", {}), "params": params}
         if self.lesion_bits is not None:
             item["lesion"] = self.lesion(raw, item["key"])
         if self.on_device:
-            item["jpeg"] = torch.frombuffer(bytearray(raw["jpg"]), dtype=torch.uint8)
+            item["jpeg"] = raw["jpg"]
             return item
         try:
-            pixels = decode_gray(raw[self.fmt], self.fmt, self.config.image_size)
+            pixels = decode_gray(raw[self.fmt], self.fmt, self.config.image_size,
+                                 self.scratch if self.warp_on_device else None)
         except DecodeError as err:
             self.shared.count_skip(str(err), item["key"])
             return None
         if self.warp_on_device:
-            item["pixels"] = torch.from_numpy(pixels)
+            item["pixels"] = pixels
         else:
-            item["image"] = warp_cpu(pixels, params, self.config.image_size)
+            item["image"] = warp_cpu(pixels, params, self.config.image_size).numpy()
         return item
 
-    def lesion(self, raw: dict, key: str) -> torch.Tensor:
+    def lesion(self, raw: dict, key: str) -> np.ndarray:
         """The sample's per-label lesion planes at the output size (identity geometry: the whole
         image squashed to size × size, as `warp_cpu`/`warp` do with IDENTITY)."""
         size = self.config.image_size
         assert self.lesion_bits is not None
         if "mask.png" not in raw:
-            return torch.zeros(len(self.lesion_bits), size, size, dtype=torch.bool)
+            return np.zeros((len(self.lesion_bits), size, size), dtype=bool)
         try:
             bits = resize_nearest(decode_lesion(raw["mask.png"]), size, size)
         except (OSError, ValueError, SyntaxError) as err:
             log.warning("sample %s: unreadable lesion mask (%s); treated as no mask", key, err)
-            return torch.zeros(len(self.lesion_bits), size, size, dtype=torch.bool)
-        return torch.from_numpy(label_planes(bits, self.lesion_bits))
+            return np.zeros((len(self.lesion_bits), size, size), dtype=bool)
+        return label_planes(bits, self.lesion_bits)
 
     def collate(self, items: list[dict]) -> dict:
-        batch = {
-            "key": [item["key"] for item in items],
-            "target": torch.from_numpy(np.stack([item["target"] for item in items])),
-            "mask": torch.from_numpy(np.stack([item["mask"] for item in items])),
+        """One packed batch (shards.wire): keys as a list; targets, masks, warp parameters (theta,
+        brightness, contrast), lesion planes and pixels in one buffer, written in place."""
+        n, labels = len(items), len(self.encoder.names)
+        fields: dict[str, tuple[type, tuple[int, ...]]] = {
+            "target": (np.float32, (n, labels)), "mask": (np.float32, (n, labels)),
+            "theta": (np.float32, (n, 2, 3)), "brightness": (np.float32, (n,)),
+            "contrast": (np.float32, (n,)),
         }
-        batch["params"] = [item["params"] for item in items]
         if self.lesion_bits is not None:
-            batch["lesion"] = torch.stack([item["lesion"] for item in items])
+            size = self.config.image_size
+            fields["lesion"] = (np.bool_, (n, len(self.lesion_bits), size, size))
+        fields.update(self._pixel_fields(items))
+        packer = Packer(fields)
+        self.encoder.encode_into([item["labels"] for item in items], packer["target"], packer["mask"])
+        for name, values in batch_params([item["params"] for item in items]).items():
+            packer[name][...] = values.numpy()
+        if self.lesion_bits is not None:
+            for row, item in zip(packer["lesion"], items, strict=True):
+                row[...] = item["lesion"]
+        self._fill_pixels(items, packer)
+        self.scratch.reset()  # the items' pixels are in the buffer now: their decode memory is free
+        return packer.message(key=[item["key"] for item in items])
+
+    def _pixel_fields(self, items: list[dict]) -> dict[str, tuple[type, tuple[int, ...]]]:
+        n = len(items)
+        if self.on_device:  # the JPEG bytes back to back, and where each one lies
+            total = sum(len(item["jpeg"]) for item in items)
+            return {"jpeg": (np.uint8, (total,)), "spans": (np.int64, (n, 2))}
+        if self.warp_on_device:  # ragged decoded images in one zero-padded canvas
+            height = max(item["pixels"].shape[0] for item in items)
+            width = max(item["pixels"].shape[1] for item in items)
+            return {"canvas": (np.uint8, (n, height, width)), "sizes": (np.int64, (n, 2))}
+        return {"image": (np.uint8, (n, 1, self.config.image_size, self.config.image_size))}
+
+    def _fill_pixels(self, items: list[dict], packer: Packer) -> None:
         if self.on_device:
-            batch["jpeg"] = [item["jpeg"] for item in items]
-        elif self.warp_on_device:  # ragged decoded images in one zero-padded uint8 canvas
-            sizes = torch.tensor([item["pixels"].shape for item in items])
-            canvas = torch.zeros(len(items), int(sizes[:, 0].max()), int(sizes[:, 1].max()),
-                                 dtype=torch.uint8)
+            flat, spans, offset = packer["jpeg"], packer["spans"], 0
+            for index, item in enumerate(items):
+                length = len(item["jpeg"])
+                flat[offset:offset + length] = np.frombuffer(item["jpeg"], dtype=np.uint8)
+                spans[index] = offset, length
+                offset += length
+        elif self.warp_on_device:
+            canvas, sizes = packer["canvas"], packer["sizes"]
             for index, item in enumerate(items):
                 height, width = item["pixels"].shape
                 canvas[index, :height, :width] = item["pixels"]
-            batch["canvas"], batch["sizes"] = canvas, sizes
+                canvas[index, :height, width:] = 0  # the buffer is uninitialised: zero the padding only
+                canvas[index, height:] = 0
+                sizes[index] = height, width
         else:
-            batch["image"] = torch.stack([item["image"] for item in items])
-        return batch
+            images = packer["image"]
+            for index, item in enumerate(items):
+                images[index] = item["image"]
 
 
 def _worker_slot() -> tuple[int, int]:
@@ -361,7 +413,8 @@ class Stream:
         self.loader = DataLoader(
             dataset, batch_size=None, num_workers=config.workers,
             persistent_workers=config.workers > 0, worker_init_fn=_init_worker,
-            pin_memory=config.decode_device == "cuda", prefetch_factor=4 if config.workers else None,
+            pin_memory=config.pin_memory or config.decode_device == "cuda",
+            prefetch_factor=4 if config.workers else None,
         )
 
     @property
@@ -388,60 +441,98 @@ class Stream:
             log.warning("stream layout changed since the checkpoint (%s); the resumed epoch will not "
                         "repeat the original batches exactly", state)
 
-    def batches(self, device: torch.device | str = "cpu") -> Iterator[dict]:
-        """One epoch (train: from the saved position) of batches ready for the model on `device`."""
+    def host_batches(self) -> Iterator[dict]:
+        """One epoch (train: from the saved position) of worker batches as named host tensors
+        (views of the pinned buffer when pin_memory is on): the loader side, before any device."""
         self._shared.epoch.value = self.epoch
         self._shared.start_batch.value = self.next_batch
-        for batch in self.loader:
+        for message in self.loader:
+            batch = unpack(message)
+            del message  # hands a worker's shared buffer back now, not one batch later
+            yield batch
+
+    def batches(self, device: torch.device | str = "cpu", prefetch: int | None = None) -> Iterator[dict]:
+        """One epoch (train: from the saved position) of batches ready for the model on `device`.
+
+        `prefetch`: batches staged on the device ahead of the one handed out; by default 1 on
+        CUDA (copies, decode, warp and normalise of batch k+1 queued on a side stream while the
+        caller runs step k) and 0 elsewhere. The position counts batches handed out, never the
+        ones staged ahead: a checkpoint after step k resumes at batch k+1.
+        """
+        device = torch.device(device)
+        staging = stager(functools.partial(self.to_device, device=device), device, prefetch)
+        for batch in staging.batches(self.host_batches()):
             if self.batches_per_epoch is not None:
                 self.next_batch += 1  # before yielding: a checkpoint taken after this step resumes after it
-            yield self.to_device(batch, torch.device(device))
+            yield batch
         if self.batches_per_epoch is not None:
             self.epoch, self.next_batch = self.epoch + 1, 0
 
     def to_device(self, batch: dict, device: torch.device) -> dict:
-        """Move a worker batch to `device`; decode and/or warp there when the workers did not."""
-        non_blocking = device.type == "cuda"
+        """A host batch (`host_batches`) → model-ready tensors on `device`; decode and/or warp
+        there when the workers did not. Every host tensor is pinned when the loader pins, so
+        each copy is asynchronous; nothing here waits on the device."""
         if "jpeg" in batch:
-            images = self._decode_on_device(batch, device)
-            batch["image"] = warp(images, batch.pop("params"), self.config.image_size)
-        elif "canvas" in batch:
-            canvas = batch.pop("canvas").to(device, non_blocking=non_blocking)
-            images = [canvas[i, :h, :w][None] for i, (h, w) in enumerate(batch.pop("sizes").tolist())]
-            batch["image"] = warp(images, batch.pop("params"), self.config.image_size)
+            batch = self._decode_on_device(batch, device)
+        # Whether to run the photometric step is asked of the host tensors: free, no device sync.
+        adjust = not is_identity(batch["brightness"], batch["contrast"])
+        if "canvas" in batch:
+            image = warp(_moved(batch["canvas"], device), _moved(batch["sizes"], device),
+                         _moved(batch["theta"], device), self.config.image_size)
         else:  # warped in the worker; brightness/contrast run here, batched, where the model runs
-            image = batch["image"].to(device, non_blocking=non_blocking)
-            batch["image"] = photometric(image.float(), batch.pop("params"))
-        batch["image"] = normalize(batch["image"], self.config.mean, self.config.std)
-        batch["target"] = batch["target"].to(device, non_blocking=non_blocking)
-        batch["mask"] = batch["mask"].to(device, non_blocking=non_blocking)
-        if "lesion" in batch:
-            batch["lesion"] = batch["lesion"].to(device, non_blocking=non_blocking)
-        return batch
+            image = _moved(batch["image"], device).float()
+        if adjust:
+            image = photometric(image, _moved(batch["brightness"], device), _moved(batch["contrast"], device))
+        out = {"key": batch["key"], "image": normalize(image, self.config.mean, self.config.std)}
+        for name in ("target", "mask", "lesion"):
+            if name in batch:  # a copy even on the CPU: a view would keep the whole host buffer alive
+                out[name] = batch[name].to(device, non_blocking=device.type == "cuda", copy=True)
+        return out
 
-    def _decode_on_device(self, batch: dict, device: torch.device) -> list[torch.Tensor]:
-        """nvJPEG decode of the whole batch; if a JPEG is corrupt, decode one by one and drop the
-        bad rows from the batch (skipped and counted, as on the CPU path)."""
+    def _decode_on_device(self, batch: dict, device: torch.device) -> dict:
+        """nvJPEG decode of the whole batch into a canvas on `device`; if a JPEG is corrupt, decode
+        one by one and drop the bad rows from the batch (skipped and counted, as on the CPU path)."""
         import torchvision.io as tvio  # noqa: PLC0415 - only the device path needs it
 
-        jpegs = batch.pop("jpeg")
+        jpegs = [batch["jpeg"][start:start + length] for start, length in batch["spans"].tolist()]
         try:
-            return tvio.decode_jpeg(jpegs, mode=tvio.ImageReadMode.GRAY, device=device)
+            images = tvio.decode_jpeg(jpegs, mode=tvio.ImageReadMode.GRAY, device=device)
         except RuntimeError:
-            pass
+            images, keep = self._decode_each(jpegs, batch["key"], device)
+            batch = _rows(batch, keep)
+        canvas, sizes = pad_canvas(images)
+        return {**batch, "canvas": canvas, "sizes": sizes}
+
+    def _decode_each(self, jpegs: list[torch.Tensor], keys: list[str],
+                     device: torch.device) -> tuple[list[torch.Tensor], list[int]]:
+        """The decodable images and their rows; the others are counted as skipped."""
+        import torchvision.io as tvio  # noqa: PLC0415 - only the device path needs it
+
         images, keep = [], []
         for index, data in enumerate(jpegs):
             try:
                 images.append(tvio.decode_jpeg(data, mode=tvio.ImageReadMode.GRAY, device=device))
                 keep.append(index)
             except RuntimeError as err:
-                self._shared.count_skip(f"undecodable JPEG on {device} ({err})", batch["key"][index])
-        batch["key"] = [batch["key"][i] for i in keep]
-        batch["params"] = [batch["params"][i] for i in keep]
-        batch["target"], batch["mask"] = batch["target"][keep], batch["mask"][keep]
-        if "lesion" in batch:
-            batch["lesion"] = batch["lesion"][keep]
-        return images
+                self._shared.count_skip(f"undecodable JPEG on {device} ({err})", keys[index])
+        if not images:
+            raise DataError(f"every JPEG of a batch failed to decode on {device}: are the shards corrupt?")
+        return images, keep
+
+
+_PER_SAMPLE = ("target", "mask", "theta", "brightness", "contrast", "lesion")
+"""Host batch tensors with one row per sample."""
+
+
+def _rows(batch: dict, keep: list[int]) -> dict:
+    """The batch restricted to the samples `keep` (host tensors: plain indexing)."""
+    out = {name: value[keep] for name, value in batch.items() if name in _PER_SAMPLE}
+    return {**batch, **out, "key": [batch["key"][index] for index in keep]}
+
+
+def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; from pinned memory to a GPU, an asynchronous copy."""
+    return tensor.to(device, non_blocking=device.type == "cuda")
 
 
 def _init_worker(_: int) -> None:

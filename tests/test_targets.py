@@ -120,3 +120,30 @@ def test_pos_weight_hand_values() -> None:
 def test_invalid_policies_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="policy"):
         LabelPolicy(**kwargs)
+
+
+@pytest.mark.parametrize("policy", [LabelPolicy("ignore"), LabelPolicy("mixed", blank="ignore"),
+                                    LabelPolicy("zeros", per_label={"Edema": "ones"})])
+def test_batch_encoding_fills_rows_exactly_as_per_sample_encoding(policy: LabelPolicy) -> None:
+    """The loader's per-batch path (remembered per raw-label combination) against the per-sample one;
+    repeats of a combination must hit the memory and still come out right."""
+    rng = np.random.default_rng(4)
+    values = [1, 0, -1, None]
+    raws = [{name: values[rng.integers(4)] for name in CHEXPERT_LABELS if rng.random() < 0.9}
+            for _ in range(40)]
+    raws += raws[:10]
+    encoder = LabelEncoder(CHEXPERT_LABELS, policy)
+    target = np.full((len(raws), len(CHEXPERT_LABELS)), 7.0, dtype=np.float32)
+    mask = target.copy()
+    encoder.encode_into(raws, target, mask)
+    for row, raw in enumerate(raws):
+        want_target, want_mask = LabelEncoder(CHEXPERT_LABELS, policy)(raw)
+        assert np.array_equal(target[row], want_target) and np.array_equal(mask[row], want_mask)
+
+
+def test_batch_encoding_tells_a_missing_label_from_a_blank_one() -> None:
+    """Blank (None) is negative under blank=zeros; a label the sample lacks is masked out."""
+    encoder = LabelEncoder(("Edema",), LabelPolicy())
+    target, mask = np.zeros((4, 1), np.float32), np.zeros((4, 1), np.float32)
+    encoder.encode_into([{"Edema": None}, {}, {"Edema": None}, {}], target, mask)
+    assert mask[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0] and target[:, 0].tolist() == [0.0] * 4

@@ -82,3 +82,23 @@ def test_corrupt_header_and_compressed_tar(chexpert_shards: Path, tmp_path: Path
     empty.write_bytes(b"")
     with pytest.raises(TarFormatError, match="no end-of-archive marker"):
         ours(empty)
+
+
+@pytest.mark.parametrize(("where", "delta"), [(100, 1), (300, -1), (150, 1), (511, 7)])
+def test_any_header_byte_off_by_a_little_fails_the_checksum(chexpert_shards: Path, tmp_path: Path,
+                                                            where: int, delta: int) -> None:
+    """One byte of the second member's header changed (mode, the checksum field itself, the ustar
+    fields, the padding): the sum no longer matches, whatever the byte's field."""
+    shard = next(chexpert_shards.glob("train-*.tar"))
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        second = tar.getmembers()[1].offset
+    if where == 150:  # the checksum field: an octal digit one higher
+        digit = data[second + 150]
+        data[second + 150] = digit + 1 if digit < ord("7") else digit - 1
+    else:
+        data[second + where] = (data[second + where] + delta) % 256
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(TarFormatError, match="checksum"):
+        ours(bad)
