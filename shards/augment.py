@@ -213,8 +213,8 @@ def photometric(batch: torch.Tensor, brightness: torch.Tensor, contrast: torch.T
 
 def is_identity(brightness: torch.Tensor, contrast: torch.Tensor) -> bool:
     """True when no sample of the batch changes intensities (eval, policy none): `photometric` can be
-    skipped. Meant for the host copies: on device tensors the answer would cost a sync."""
-    return bool((brightness == 1.0).all()) and bool((contrast == 1.0).all())
+    skipped. Host copies only: `.numpy()` refuses a device tensor, whose answer would cost a sync."""
+    return bool(np.all(brightness.numpy() == 1.0) and np.all(contrast.numpy() == 1.0))
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -562,9 +562,9 @@ def train_stream(config: StreamConfig, rank: int = 0, world_size: int = 1, batch
         per_epoch = round(manifest.samples(config.split, config.views) * config.patient_fraction)
     batches = per_epoch // (config.batch_size * world_size) // batch_multiple * batch_multiple
     if batches < 1:
+        steps = "one batch" if batch_multiple == 1 else f"{batch_multiple} batches (one optimizer step)"
         raise DataError(f"{config.shards}: split {config.split!r} has {per_epoch} samples per epoch, fewer "
-                        f"than {batch_multiple} batch(es) of {config.batch_size} on each of {world_size} "
-                        "rank(s)")
+                        f"than {steps} of {config.batch_size} on each of {world_size} rank(s)")
     prevalence = manifest.prevalence(config.split)
     balance = _balance(config, samples.encoder, prevalence)
     accept, index = balance if balance else (None, None)

@@ -127,7 +127,8 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def stream_config(cfg: Config, model: torch.nn.Module, split: str) -> StreamConfig:
+def stream_config(cfg: Config, model: torch.nn.Module, split: str, pin_memory: bool = False) -> StreamConfig:
+    """How a trainer config reads a split; `pin_memory` when batches go to a GPU (async copies)."""
     data = cfg.data
     if cfg.model.in_chans == 1:
         mean, std = IMAGENET_GRAY
@@ -143,7 +144,7 @@ def stream_config(cfg: Config, model: torch.nn.Module, split: str) -> StreamConf
         workers=data.workers, shuffle_buffer=data.shuffle_buffer, seed=cfg.run.seed,
         decode_device=data.decode_device, warp_on=data.warp_on,
         balance=data.balance if train else None, patient_fraction=data.patient_fraction if train else 1.0,
-        samples_per_epoch=data.samples_per_epoch if train else None,
+        samples_per_epoch=data.samples_per_epoch if train else None, pin_memory=pin_memory,
     )
 
 
@@ -193,9 +194,11 @@ def build_streams(cfg: Config, model: torch.nn.Module,
     left over would carry its gradient into the next epoch, past the epoch-end checkpoint (lost
     on resume), and make epochs differ in length."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    train = train_stream(stream_config(cfg, model, "train"), rank, world, batch_multiple=cfg.optim.grad_accum)
-    val = eval_stream(stream_config(cfg, model, "val"), rank, world)
-    test = eval_stream(stream_config(cfg, model, "test"), rank, world) if cfg.run.test_at_end else None
+    pin = accelerator.device.type == "cuda"
+    train = train_stream(stream_config(cfg, model, "train", pin), rank, world,
+                         batch_multiple=cfg.optim.grad_accum)
+    val = eval_stream(stream_config(cfg, model, "val", pin), rank, world)
+    test = eval_stream(stream_config(cfg, model, "test", pin), rank, world) if cfg.run.test_at_end else None
     return train, val, test
 
 
