@@ -375,3 +375,40 @@ def test_multinode_on_two_network_namespace_nodes(
     assert records(run_dir, "val")[0]["step"] < records(reference, "val")[0]["step"], "one 4-rank world"
     keys = np.load(run_dir / "predictions_val.npz")["keys"]
     assert len(keys) == len(set(keys.tolist())) == len(np.load(reference / "predictions_val.npz")["keys"])
+
+
+def test_multinode_deepspeed_zero2_on_two_network_namespace_nodes(
+    two_nodes: LocalSlurm, straight: tuple, chexpert_shards: Path, tmp_path: Path
+) -> None:
+    """ACCELERATE_CONFIG=zero2 across two SLURM nodes: accelerate must start one torchrun per node
+    (deepspeed_multinode_launcher: standard), not DeepSpeed's pdsh launcher with a hostfile. The
+    4-rank ZeRO-2 world finishes, scores val once, and leaves frozen tensors bit-identical."""
+    import timm
+    from safetensors.torch import load_file, save_file
+
+    start = tmp_path / "start.safetensors"
+    model = timm.create_model("resnet10t", num_classes=5, in_chans=1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(start))
+    run_dir = tmp_path / "run"
+    extra = (f"{EXTRA} optim.epochs=1 data.workers=0 model.freeze=head+last_block model.pretrained=true "
+             f"model.weights={start}")
+    job = two_nodes.sbatch(
+        ["--nodes=2", "--ntasks-per-node=1", "--gres=none", "--cpus-per-task=1", "--mem=4G",
+         str(LAUNCH / "multinode.sh")],
+        env=job_env(DEMO, run_dir, chexpert_shards, extra) | {"ACCELERATE_CONFIG": "zero2"},
+        cwd=ROOT,
+    )
+    info = two_nodes.wait(job)
+    log = LocalSlurm.log(job)
+    state = (info["JobState"], info["ExitCode"], info["NodeList"])
+    assert state == ("COMPLETED", "0:0", "n[1-2]"), log[-4000:]
+    assert "node 0/2" in log and "node 1/2" in log and "ACCELERATE_CONFIG=zero2" in log
+    _, _, reference = straight
+    assert records(run_dir, "val")[0]["step"] < records(reference, "val")[0]["step"], "one 4-rank world"
+    keys = np.load(run_dir / "predictions_val.npz")["keys"]
+    assert len(keys) == len(set(keys.tolist())) == len(np.load(reference / "predictions_val.npz")["keys"])
+    before, after = load_file(str(start)), load_file(str(run_dir / "best" / "model.safetensors"))
+    for name, tensor in before.items():
+        if not name.startswith(("fc.", "layer4.")):
+            assert np.array_equal(tensor.numpy(), after[name].numpy()), f"frozen {name} changed"
+    assert not np.array_equal(before["layer4.0.conv1.weight"].numpy(), after["layer4.0.conv1.weight"].numpy())
