@@ -175,6 +175,15 @@ def test_freeze_strategies_train_exactly_the_intended_parameters(
     assert len(optimizer["state"]) == trainable_count, "frozen parameters must get no optimizer state"
 
 
+def assert_same_evaluations(resumed: Path, straight: Path) -> None:
+    """A resumed run evaluated at the same steps, with the same AUROCs, as the uninterrupted one."""
+    for split in ("val", "test"):
+        expected, got = records(straight, split), records(resumed, split)
+        assert [line["step"] for line in got] == [line["step"] for line in expected]
+        for a, b in zip(got, expected, strict=True):
+            assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-5)
+
+
 def expected_lr(step: int, lr: float, steps_per_epoch: int, epochs: int, warmup_epochs: float,
                 floor: float = 0.01) -> float:
     """The documented schedule, written out again: linear warm-up, then cosine to floor × lr."""
@@ -213,11 +222,7 @@ def test_gpu_shaped_config_kill_9_then_resume_equals_an_uninterrupted_run(learn_
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout
 
-    for split in ("val", "test"):
-        expected, got = records(tmp_path / "straight", split), records(run_dir, split)
-        assert [line["step"] for line in got] == [line["step"] for line in expected]
-        for a, b in zip(got, expected, strict=True):
-            assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-5)
+    assert_same_evaluations(run_dir, tmp_path / "straight")
     assert not list((run_dir / "checkpoints").glob(".tmp-*")), "a half-written checkpoint is cleaned up"
     steps = [line["step"] for line in records(run_dir, "train")]
     assert steps == sorted(set(steps)), "no step logged twice"
@@ -333,11 +338,7 @@ def test_ema_run_preempted_mid_way_resumes_to_the_uninterrupted_result(chexpert_
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resumed from" in result.stdout
 
-    for split in ("val", "test"):
-        expected, got = records(tmp_path / "straight", split), records(run_dir, split)
-        assert [line["step"] for line in got] == [line["step"] for line in expected]
-        for a, b in zip(got, expected, strict=True):
-            assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-5)
+    assert_same_evaluations(run_dir, tmp_path / "straight")
     straight = load_file(str(tmp_path / "straight" / "best" / "model.safetensors"))
     resumed = load_file(str(run_dir / "best" / "model.safetensors"))
     for name, tensor in straight.items():
