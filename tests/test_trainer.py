@@ -457,34 +457,49 @@ def test_zero3_evaluates_ranks_with_unequal_batch_counts(chexpert_shards: Path, 
     assert len(set(keys.tolist())) == len(keys) == sum(counts)
 
 
-@pytest.mark.parametrize("launch", ["multi_gpu", "deepspeed", "node.sh"])
-def test_a_gpu_launch_on_a_node_without_gpus_stops_in_one_line(chexpert_shards: Path, tmp_path: Path,
-                                                               launch: str) -> None:
-    """No GPU here is the real thing for this test: launches that ask for GPUs must stop before
-    writing anything instead of training on the CPU (CPU runs say so: see trainer_helpers)."""
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({"WORLD_SIZE": "2"}, "accelerate launch with 2 processes and no CPU flag"),
+    ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, "a DeepSpeed accelerate config"),
+    ({"CXR_EXPECT_GPUS": "8"}, "CXR_EXPECT_GPUS=8"),
+    ({"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "True"}, None),
+    ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true", "CXR_EXPECT_GPUS": "0"}, None),
+    ({"WORLD_SIZE": "2", "run.cpu": "true"}, None),
+    ({}, None),
+])
+def test_which_launches_expect_gpus(chexpert_shards: Path, monkeypatch: pytest.MonkeyPatch, environ: dict,
+                                    expected: str | None) -> None:
+    """The launch environments accelerate and launch/node.sh really set; no GPU here is real."""
+    from trainer.distributed import DeviceError, check_gpus
+
+    for name in ("WORLD_SIZE", "ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "CXR_EXPECT_GPUS"):
+        monkeypatch.delenv(name, raising=False)
+    overrides = [f"data.shards={chexpert_shards}"] + (["run.cpu=true"] if "run.cpu" in environ else [])
+    for name, value in environ.items():
+        if name != "run.cpu":
+            monkeypatch.setenv(name, value)
+    cfg = load_config(DEMO, overrides)
+    if expected is None:
+        check_gpus(cfg)
+        return
+    with pytest.raises(DeviceError) as err:
+        check_gpus(cfg)
+    assert f"({expected}" in str(err.value) and "torch sees 0 CUDA device(s)" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_gpu_launch_on_a_node_without_gpus_stops_in_one_line(chexpert_shards: Path, tmp_path: Path) -> None:
+    """launch/node.sh with GPUS_PER_NODE=2 runs the real `accelerate launch` of the GPU branch on this
+    GPU-less machine: the ranks must stop before writing anything instead of training on the CPU."""
     run_dir = tmp_path / "run"
-    args = ["--config", DEMO, f"data.shards={chexpert_shards}", f"run.dir={run_dir}"]
-    env = environment() | {"CXR_EXPECT_GPUS": ""}
-    env.pop("ACCELERATE_USE_CPU")
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    common = ["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())]
-    if launch == "multi_gpu":
-        command = [accelerate, "launch", "--multi_gpu", *common]
-        expected = "accelerate launch with 2 processes"
-    elif launch == "deepspeed":
-        command = [accelerate, "launch", "--config_file", str(ROOT / "launch" / "accelerate" / "zero2.yaml"),
-                   *common]
-        expected = "a DeepSpeed accelerate config"
-    else:
-        command, expected = ["bash", str(ROOT / "launch" / "node.sh")], "CXR_EXPECT_GPUS=2"
-        env |= {"CXR_ROOT": str(ROOT), "CXR_ACCELERATE": accelerate, "GPUS_PER_NODE": "2",
-                "NUM_MACHINES": "1", "MACHINE_RANK": "0", "MAIN_PORT": str(free_port())}
-    if launch != "node.sh":
-        command += [str(ROOT / "trainer" / "run.py")]
-    done = subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
-                          check=False)
+    env = environment() | {"CXR_ROOT": str(ROOT), "CXR_ACCELERATE": accelerate, "GPUS_PER_NODE": "2",
+                           "NUM_MACHINES": "1", "MACHINE_RANK": "0", "MAIN_PORT": str(free_port())}
+    env.pop("ACCELERATE_USE_CPU")
+    done = subprocess.run(["bash", str(ROOT / "launch" / "node.sh"), "--config", DEMO,
+                           f"data.shards={chexpert_shards}", f"run.dir={run_dir}"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert ours, done.stderr[-3000:]  # one line per rank that got there before the launcher stopped the rest
-    assert all(f"({expected}" in line and "torch sees 0 CUDA device(s)" in line for line in ours), ours
+    assert all("(CXR_EXPECT_GPUS=2" in line and "torch sees 0 CUDA device(s)" in line for line in ours), ours
     assert not run_dir.exists()
