@@ -25,6 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from shards import __version__
+from shards.atomic import write_json, write_jsonl
 from shards.errors import DataError, run_cli
 from shards.imaging import IMAGE_FORMATS, ImageError, ImageFormat, load_image, load_mask
 from shards.manifest import FORMAT_VERSION, MANIFEST, REJECTS, split_statistics
@@ -34,8 +35,6 @@ from shards.shardio import (
     iter_stale_temps,
     sha256_file,
     shard_name,
-    write_json_atomic,
-    write_jsonl_atomic,
 )
 from shards.sources import LAYOUTS, Record, Reject, SourceData, read_source
 from shards.split import DEFAULT_SALT, SPLITS, patient_unit, split_records
@@ -358,8 +357,8 @@ def _write_outputs(options: PackOptions, source: SourceData, ordered: dict[str, 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "fingerprint": wanted,
     }
-    write_jsonl_atomic(options.out / REJECTS, rejects)
-    write_json_atomic(options.out / MANIFEST, manifest)
+    write_jsonl(options.out / REJECTS, rejects)
+    write_json(options.out / MANIFEST, manifest)
     return manifest
 
 

@@ -16,6 +16,8 @@ from typing import BinaryIO
 
 import webdataset as wds
 
+from shards.atomic import write_jsonl
+
 JOURNAL = ".pack-journal.jsonl"
 HASH_BLOCK = 1 << 20
 
@@ -88,36 +90,6 @@ class AtomicShardWriter:
         self.temp.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: Path, payload: object) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    with temp.open("w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    temp.replace(path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Readers never see a half-written report or table: temp name, fsync, rename."""
-    temp = path.with_name(f".{path.name}.tmp")
-    with temp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temp.replace(path)
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    with temp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    temp.replace(path)
-
-
 class Journal:
     """Append-only record of finished shards; its first line holds the pack's fingerprint."""
 
@@ -141,7 +113,7 @@ class Journal:
 
     def start(self, fingerprint: dict, entries: list[dict]) -> None:
         """Rewrite the journal with the fingerprint and the entries that are still valid."""
-        write_jsonl_atomic(self.path, [{"fingerprint": fingerprint}, *entries])
+        write_jsonl(self.path, [{"fingerprint": fingerprint}, *entries])
 
     def append(self, entry: dict) -> None:
         with self.path.open("a", encoding="utf-8") as handle:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from shards.shardio import write_text_atomic
+from shards.atomic import write_text
 from trainer.config import load_config
 
 
@@ -128,7 +128,7 @@ def write_tables(rows: list[TrialRow], out: Path, metric: str, times: dict[str, 
         ]
         writer.writerow(cells)
         table.append([_short(c) for c in cells[:-1]])
-    write_text_atomic(out / "results.csv", buffer.getvalue())
+    write_text(out / "results.csv", buffer.getvalue())
     lines = [
         f"# Sweep results: {out.name}",
         "",
@@ -139,7 +139,7 @@ def write_tables(rows: list[TrialRow], out: Path, metric: str, times: dict[str, 
         "|" + "---|" * (len(header) - 1),
     ]
     lines += ["| " + " | ".join(cells) + " |" for cells in table]
-    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
+    write_text(out / "results.md", "\n".join(lines) + "\n")
 
 
 def write_best(rows: list[TrialRow], out: Path, name: str) -> Path | None:
@@ -154,7 +154,7 @@ def write_best(rows: list[TrialRow], out: Path, name: str) -> Path | None:
             f"# Best trial of sweep {name}: {row.trial}, val {row.best:.4f}.\n"
             f"# Train it in full: python trainer/run.py --config {out / 'best.yaml'}\n"
         )
-        write_text_atomic(out / "best.yaml", text + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(out / "best.yaml", text + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return out / "best.yaml"
     return None
 

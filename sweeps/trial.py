@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.shardio import write_json_atomic
+from shards.atomic import write_json
 from sweeps.results import read_records
 from trainer.config import load_config
 
@@ -64,7 +64,7 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     overrides = [*setup.overrides, *sampled, f"run.dir={run_dir}", "run.resume=auto", "run.test_at_end=false"]
     cfg = load_config(sampled_base or setup.base, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "trial.json", {"trial_id": context.get_trial_id(), "params": params})
+    write_json(run_dir / "trial.json", {"trial_id": context.get_trial_id(), "params": params})
     if setup.ranks > 1:
         _run_ranks(cfg, run_dir, setup)
         return

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 
-from shards.shardio import write_json_atomic
+from shards.atomic import write_json
 from trainer.config import Config
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -67,7 +67,7 @@ class Checkpointer:
         if main:
             for name, tensors in (extra or {}).items():
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
-            write_json_atomic(tmp / STATE_FILE, asdict(state))
+            write_json(tmp / STATE_FILE, asdict(state))
         self.accelerator.wait_for_everyone()
         if main:
             shutil.rmtree(final, ignore_errors=True)
@@ -109,7 +109,7 @@ def export_best(run_dir: Path, weights: dict[str, torch.Tensor], config: Config,
                .contiguous() for name, value in weights.items()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config.save(tmp / "config.yaml")
-    write_json_atomic(tmp / "model_card.json", card)
+    write_json(tmp / "model_card.json", card)
     old = run_dir / ".best.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

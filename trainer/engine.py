@@ -28,10 +28,10 @@ from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from shards.atomic import write_json
 from shards.augment import AugmentConfig
 from shards.labels import COMPETITION5, resolve_label_set
 from shards.manifest import load_manifest
-from shards.shardio import write_json_atomic
 from shards.stream import IMAGENET_GRAY, Stream, StreamConfig, eval_stream, train_stream
 from shards.targets import LabelPolicy
 from trainer.checkpoint import Checkpointer, TrainState, export_best
@@ -312,7 +312,7 @@ def after_optimizer_step(run: Run, window: dict, started: float) -> None:
     if run.stop.agreed(accelerator, state.step):
         save_checkpoint(run)
         if accelerator.is_main_process:
-            write_json_atomic(run.run_dir / "preempted.json", {"step": state.step, "exit_code": EXIT_REQUEUE})
+            write_json(run.run_dir / "preempted.json", {"step": state.step, "exit_code": EXIT_REQUEUE})
         # No rank leaves before the marker exists: the launcher (or srun --kill-on-bad-exit) stops
         # the others as soon as one exits, and the requeue decision reads the marker.
         accelerator.wait_for_everyone()

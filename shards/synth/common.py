@@ -14,6 +14,7 @@ from typing import TypeVar
 import numpy as np
 import simplejpeg
 
+from shards.atomic import replacing
 from shards.errors import DataError
 from shards.lesion import encode_lesion
 from shards.synth.render import Drawn
@@ -51,13 +52,10 @@ def write_image(root: Path, relpath: str, drawn: Drawn, quality: int = 90, rgb: 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     """Written last and atomically: a tree without its CSV is visibly unfinished to the readers."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with replacing(path) as temp, temp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
-    tmp.replace(path)
 
 
 @contextmanager

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from shards.atomic import replacing, write_text
+
 OUTLINE = np.array([40, 255, 90], dtype=np.uint8)
 HEADER = 14
 GUTTER = 150
@@ -53,17 +55,8 @@ def overlay(gray: np.ndarray, heatmap: np.ndarray | None, mask: np.ndarray | Non
 
 
 def save_png(rgb: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(rgb).save(temp, format="PNG")
-    temp.replace(path)
-
-
-def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    temp.replace(path)
+    with replacing(path) as temp:
+        Image.fromarray(rgb).save(temp, format="PNG")
 
 
 def _resize(rgb: np.ndarray, size: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.shardio import write_json_atomic
+from shards.atomic import write_json, write_text
 from trainer.explain import DEFAULT_METHODS, gallery
 from trainer.explain.loading import ExplainError, LoadedRun, load_run
 from trainer.explain.localization import Score, deletion_insertion
@@ -180,11 +180,11 @@ def write_outputs(options: ExplainOptions, runs: list[LoadedRun], labels: list[s
         sections.append(section)
         tb_images[gallery.slug(label)] = rgb
     table = gallery.score_table(scores)
-    gallery.write_text(out / "localization.md", f"# Localization ({options.split} split)\n\n{table}")
+    write_text(out / "localization.md", f"# Localization ({options.split} split)\n\n{table}")
     gallery.write_index(out, f"cxrbench explain: {', '.join(r.name for r in runs)} on {options.split}",
                         table, sections)
     gallery.log_images(out, tb_images)
-    write_json_atomic(out / "explain.json", {
+    write_json(out / "explain.json", {
         "split": options.split, "n_per_label": options.n, "labels": labels,
         "methods": list(options.methods), "seed": options.seed, "steps": options.steps,
         "models": {run.name: {"run": str(run.path), "model": run.config.model.name,
@@ -192,7 +192,7 @@ def write_outputs(options: ExplainOptions, runs: list[LoadedRun], labels: list[s
         "samples": chosen,
         "pooled": {m: {k: s.as_dict() for k, s in methods.items()} for m, methods in pooled.items()},
     })
-    write_json_atomic(out / "localization.json", scores)
+    write_json(out / "localization.json", scores)
     return scores
 
 

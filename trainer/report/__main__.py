@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from shards.shardio import write_json_atomic, write_text_atomic
+from shards.atomic import write_json, write_text
 from trainer.report import figures
 from trainer.report.analysis import ANCHORS, Settings, compare, pairs, run_metrics
 from trainer.report.render import render_html, render_markdown
@@ -80,10 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     summary = build(runs, sweeps, skipped, args.out, Settings(args.resamples, args.seed))
-    write_json_atomic(args.out / "summary.json", summary)
+    write_json(args.out / "summary.json", summary)
     markdown = render_markdown(summary)
-    write_text_atomic(args.out / "index.md", markdown)
-    write_text_atomic(args.out / "index.html", render_html(markdown, "cxrbench report"))
+    write_text(args.out / "index.md", markdown)
+    write_text(args.out / "index.html", render_html(markdown, "cxrbench report"))
     print(
         f"report: {len(runs)} runs, {len(summary['pairs'])} paired comparisons, "
         f"{len(summary['figures'])} figures, {len(skipped)} skipped → {args.out / 'index.html'}"

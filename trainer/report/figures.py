@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from shards.atomic import replacing
 from trainer.report.runs import RunData
 
 DPI = 110
@@ -22,10 +23,9 @@ DPI = 110
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
-    temp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(temp, dpi=DPI)
+    with replacing(path, suffix=".png") as temp:
+        fig.savefig(temp, dpi=DPI)
     plt.close(fig)
-    temp.replace(path)
     return path
 
 
