@@ -423,8 +423,7 @@ class Bench:
 
     def stream_config(self, bundle: Bundle, split: str, workers: int, decode: str, batches: int | None,
                       train: bool) -> object:
-        from shards.augment import AugmentConfig
-        from shards.stream import StreamConfig
+        from shards.stream import AugmentConfig, StreamConfig
 
         cfg = bundle.module.pretrained_cfg
         batch = self.profile.batches[0]

@@ -2,7 +2,7 @@
 # Download, into .whl/ at the repo root (git-ignored), the wheels that the lent GPU machine lacks
 # for bench/gpu.py. That machine has its own Python 3.12 with torch, torchvision, timm, accelerate,
 # tensorboard, safetensors, numpy, pillow, pyyaml, tqdm, scikit-learn, but no package index; the
-# import chain of bench/gpu.py (shards.decode, shards.pack -> shards.shardio) also needs
+# import chain of bench/gpu.py (shards.stream.decode, shards.pack -> shards.pack.shardio) also needs
 # simplejpeg and webdataset (+ braceexpand). Everything else it imports is in that image
 # (checked against the image's package list in the device notes).
 #

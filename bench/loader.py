@@ -32,9 +32,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from shards.augment import AugmentConfig
-from shards.decode import decode_gray
-from shards.stream import IMAGENET_GRAY, StreamConfig, train_stream
+from shards.stream import IMAGENET_GRAY, AugmentConfig, StreamConfig, train_stream
+from shards.stream.decode import decode_gray
 
 BATCH = 32
 SIZE = 224
@@ -93,7 +92,7 @@ def baseline_rate(paths: list[Path], workers: int, images: int) -> float:
 
 
 def ceiling_rate(shards: Path, images: int) -> float:
-    """Decode-only images/s in one process, exactly as the stream decodes (shards.decode)."""
+    """Decode-only images/s in one process, exactly as the stream decodes (shards.stream.decode)."""
     blobs = []
     for tar_path in sorted(shards.glob("train-*.tar")):
         with tarfile.open(tar_path) as tar:
@@ -120,7 +119,7 @@ def main() -> None:
     print(f"batch {BATCH}, {SIZE} px, light augment, {torch.get_num_threads()} torch thread(s) per process")
     ceiling = ceiling_rate(shards, args.images)
     print(f"{'loader':<40}{'workers':>8}{'img/s':>9}{'img/s/core':>12}{'vs baseline':>13}")
-    print(f"{'decode-only ceiling (shards.decode)':<40}{'-':>8}{ceiling:>9.0f}{ceiling:>12.0f}")
+    print(f"{'decode-only ceiling (shards.stream.decode)':<40}{'-':>8}{ceiling:>9.0f}{ceiling:>12.0f}")
     headline = {}
     for workers in args.workers:
         base = baseline_rate(paths, workers, args.images)

@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from shards.augment import AugmentConfig
 from shards.errors import run_cli
 from shards.pack import PackOptions, pack
-from shards.stream import StreamConfig, eval_stream, train_stream
+from shards.stream import AugmentConfig, StreamConfig, eval_stream, train_stream
 from shards.synth import ChexpertOptions, generate_chexpert
 from shards.synth.chexpert import DATASET_DIR
 

@@ -1,7 +1,7 @@
 """Label vocabularies and raw-label parsing shared by the synthetic generator, readers and streams.
 
 Shards keep labels exactly as the source has them (1, 0, -1 or None for blank), so one pack
-serves every uncertainty policy; ``shards.targets`` turns them into training targets.
+serves every uncertainty policy; ``shards.stream.label_policy`` turns them into training targets.
 """
 
 from __future__ import annotations

@@ -7,33 +7,14 @@ the eval set), so `load_manifest` checks its shape and fails with one line when 
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from shards.errors import DataError
-from shards.sources import Record
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
-_LABEL_STATE = {1: "pos", 0: "neg", -1: "uncertain", None: "blank"}
-
-
-def split_statistics(records: Iterable[Record], label_names: Iterable[str]) -> dict:
-    """Samples, patients, views and raw-label prevalence of one split."""
-    records = list(records)
-    prevalence = {name: dict.fromkeys(_LABEL_STATE.values(), 0) for name in label_names}
-    for record in records:
-        for name, counts in prevalence.items():
-            counts[_LABEL_STATE[record.labels.get(name)]] += 1
-    return {
-        "samples": len(records),
-        "patients": len({record.patient for record in records}),
-        "views": dict(sorted(Counter(record.view for record in records).items())),
-        "prevalence": prevalence,
-    }
 
 
 @dataclass(frozen=True)

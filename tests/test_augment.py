@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shards.augment import (
+from shards.stream.augment import (
     IDENTITY,
     POLICIES,
     AugmentConfig,

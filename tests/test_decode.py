@@ -9,7 +9,7 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from shards.decode import DecodeError, Scratch, decode_gray
+from shards.stream.decode import DecodeError, Scratch, decode_gray
 
 
 def jpeg(height: int, width: int) -> bytes:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards.imaging import load_mask
 from shards.lesion import UNION, decode_lesion, encode_lesion, label_bit, label_planes, resize_nearest
+from shards.pack.encode import load_mask
 
 
 def test_label_bits_round_trip_and_split_into_planes() -> None:

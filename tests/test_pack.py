@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import shards.pack
+import shards.pack.job
 from shards.errors import DataError
 from shards.labels import CHEXPERT_LABELS
 from shards.pack import PackOptions, pack
-from shards.sources import read_chexpert
+from shards.pack.sources import read_chexpert
 
 QUIET = {"print_": lambda _: None}
 
@@ -127,7 +127,7 @@ def test_interrupted_pack_resumes_to_the_same_bytes(chexpert_root: Path, tmp_pat
     options = {"layout": "chexpert", "root": chexpert_root, "size": 48, "shard_samples": 10}
     pack(PackOptions(out=tmp_path / "clean", **options), **QUIET)
 
-    real = shards.pack._encode_chunk
+    real = shards.pack.job._encode_chunk
     calls = {"n": 0}
 
     def crash_on_third_chunk(*args: object, **kwargs: object) -> list:
@@ -136,7 +136,7 @@ def test_interrupted_pack_resumes_to_the_same_bytes(chexpert_root: Path, tmp_pat
             raise KeyboardInterrupt  # what Ctrl-C or a preemption looks like to the pack
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(shards.pack, "_encode_chunk", crash_on_third_chunk)
+    monkeypatch.setattr(shards.pack.job, "_encode_chunk", crash_on_third_chunk)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         pack(PackOptions(out=out, **options), **QUIET)
@@ -145,7 +145,7 @@ def test_interrupted_pack_resumes_to_the_same_bytes(chexpert_root: Path, tmp_pat
     assert finished, "shards finished before the crash are kept"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
-    monkeypatch.setattr(shards.pack, "_encode_chunk", real)
+    monkeypatch.setattr(shards.pack.job, "_encode_chunk", real)
     lines: list[str] = []
     pack(PackOptions(out=out, **options), print_=lines.append)
     assert any(line.startswith(f"resuming: {len(finished)} finished shard") for line in lines)

@@ -10,7 +10,7 @@ import pytest
 
 from shards.errors import DataError
 from shards.labels import CHEXPERT_LABELS
-from shards.sources import read_chexpert, read_pneumonia, read_source
+from shards.pack.sources import read_chexpert, read_pneumonia, read_source
 
 
 def csv_rows(root: Path, name: str) -> list[list[str]]:

@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-import shards.split
+import shards.pack.split
 from shards.errors import LeakageError
-from shards.sources import Record
-from shards.split import audit_leakage, split_records
+from shards.pack.sources import Record
+from shards.pack.split import audit_leakage, split_records
 
 
 def records(patients: range, per_patient: int = 3, origin: str = "train") -> list[Record]:
@@ -18,7 +18,7 @@ def records(patients: range, per_patient: int = 3, origin: str = "train") -> lis
             for p in patients for i in range(per_patient)]
 
 
-def split_of(result: shards.split.SplitResult) -> dict[str, str]:
+def split_of(result: shards.pack.split.SplitResult) -> dict[str, str]:
     return {r.patient: name for name, rs in result.splits.items() for r in rs}
 
 
@@ -52,7 +52,7 @@ def test_train_patient_also_in_test_is_dropped_from_train() -> None:
 def test_audit_catches_an_injected_leak(monkeypatch: pytest.MonkeyPatch) -> None:
     """If the split were made per image (the classic bug), the audit must stop the pack."""
     calls = iter(range(10**6))
-    monkeypatch.setattr(shards.split, "patient_unit", lambda patient, salt: (next(calls) % 10) / 10)
+    monkeypatch.setattr(shards.pack.split, "patient_unit", lambda patient, salt: (next(calls) % 10) / 10)
     with pytest.raises(LeakageError, match="train"):
         split_records(records(range(30)), [], 0.3)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shards.staging import CudaStager, Stager, lookahead, stager
+from shards.stream.staging import CudaStager, Stager, lookahead, stager
 
 
 def run(ahead: int, count: int = 5) -> list[str]:

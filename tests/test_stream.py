@@ -21,12 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-from shards.augment import AugmentConfig
 from shards.errors import DataError
 from shards.labels import CHEXPERT_LABELS, COMPETITION5
 from shards.lesion import label_bit, resize_nearest
-from shards.stream import Stream, StreamConfig, eval_stream, train_stream
-from shards.targets import LabelPolicy
+from shards.stream import AugmentConfig, LabelPolicy, Stream, StreamConfig, eval_stream, train_stream
 
 NO_PIN_WARNING = pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")
 """decode_device=cuda asks the DataLoader to pin memory; without an accelerator torch warns and skips it."""

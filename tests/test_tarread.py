@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from shards.tarread import TarFormatError, iter_samples
+from shards.stream.tarread import TarFormatError, iter_samples
 
 
 def wds_samples(path: Path) -> list[dict]:

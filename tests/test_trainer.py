@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from shards.labels import CHEXPERT_LABELS, COMPETITION5
-from shards.tarread import iter_samples
+from shards.stream.tarread import iter_samples
 from tests.conftest import pack_to
 from tests.trainer_helpers import (
     DEMO,

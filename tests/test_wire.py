@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from shards.wire import POOL_SIZE, Packed, Packer, unpack
+from shards.stream.wire import POOL_SIZE, Packed, Packer, unpack
 
 
 def fields(n: int) -> dict:

@@ -29,11 +29,17 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from shards.atomic import write_json
-from shards.augment import AugmentConfig
 from shards.labels import COMPETITION5, resolve_label_set
 from shards.manifest import load_manifest
-from shards.stream import IMAGENET_GRAY, Stream, StreamConfig, eval_stream, train_stream
-from shards.targets import LabelPolicy
+from shards.stream import (
+    IMAGENET_GRAY,
+    AugmentConfig,
+    LabelPolicy,
+    Stream,
+    StreamConfig,
+    eval_stream,
+    train_stream,
+)
 from trainer.checkpoint import Checkpointer, TrainState, export_best
 from trainer.config import Config, ConfigError
 from trainer.distributed import compile_prepared, make_accelerator, uses_deepspeed, zero_stage

@@ -1,7 +1,7 @@
 """A synthetic CheXpert-v1.0-small tree: train.csv, valid.csv and the JPEGs they name.
 
 Layout, columns, value spellings and patient numbering follow the real dataset, so
-`shards.sources.read_chexpert` reads it exactly as it reads a download. Label rates follow the
+`shards.pack.sources.read_chexpert` reads it exactly as it reads a download. Label rates follow the
 real train.csv (positive / uncertain / explicit-negative fractions per observation; the rest are
 blank); valid.csv, like the real one, has only 0/1 labels.
 """

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from shards.sources import patient_from_key
+from shards.pack.sources import patient_from_key
 
 CNN_PATTERN = re.compile(
     r"^(resnet|resnext|densenet|efficientnet|convnext|regnet|mobilenet|vgg|inception|"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from shards.labels import CHEXPERT_LABELS, COMPETITION5
-from shards.targets import MIXED_ONES, LabelEncoder, LabelPolicy
+from shards.stream.label_policy import MIXED_ONES, LabelEncoder, LabelPolicy
 
 NAMES = ("Atelectasis", "Cardiomegaly", "Edema", "Pleural Effusion")
 UNCERTAIN_BLANK = {"Atelectasis": -1, "Cardiomegaly": -1, "Edema": -1, "Pleural Effusion": None}

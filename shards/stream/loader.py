@@ -1,6 +1,6 @@
 """WebDataset streams for training and evaluation, exact across ranks and DataLoader workers.
 
-Shards are read by `shards.tarread` (webdataset's sample format, a faster reader).
+Shards are read by `shards.stream.tarread` (webdataset's sample format, a faster reader).
 
 Training (`TrainBatches`): each (rank, worker) reads shards resampled with its own seeded RNG,
 through a shuffle buffer, and yields whole batches. An epoch is a fixed number of batches per
@@ -15,10 +15,10 @@ sample is seen exactly once, with no padding duplicates, and each batch carries 
 
 Workers yield uint8 images; `Stream.batches(device)` moves them and normalises on the device.
 With `decode_device="cuda"` workers ship JPEG bytes and the decode + warp run on the GPU. A worker
-batch crosses as one shared-memory buffer (`shards.wire`): pixels, targets, masks and the warp
+batch crosses as one shared-memory buffer (`shards.stream.wire`): pixels, targets, masks and the warp
 parameters as tensors (theta N×2×3, brightness, contrast), pinned in one piece when
 `pin_memory` is set. On a CUDA device batch k+1 is staged on a side stream while the caller runs
-step k (`shards.staging`); the position still counts only batches handed out.
+step k (`shards.stream.staging`); the position still counts only batches handed out.
 """
 
 from __future__ import annotations
@@ -37,7 +37,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.augment import (
+from shards.errors import DataError
+from shards.hashing import patient_unit
+from shards.labels import RAW_VALUES, resolve_label_set
+from shards.lesion import decode_lesion, label_planes, resize_nearest
+from shards.manifest import Manifest, ShardInfo, load_manifest
+from shards.stream.augment import (
     IDENTITY,
     AugmentConfig,
     WarpParams,
@@ -50,16 +55,11 @@ from shards.augment import (
     warp,
     warp_cpu,
 )
-from shards.decode import DecodeError, Scratch, decode_gray
-from shards.errors import DataError
-from shards.labels import RAW_VALUES, resolve_label_set
-from shards.lesion import decode_lesion, label_planes, resize_nearest
-from shards.manifest import Manifest, ShardInfo, load_manifest
-from shards.split import patient_unit
-from shards.staging import stager
-from shards.targets import LabelEncoder, LabelPolicy
-from shards.tarread import TarFormatError, iter_samples
-from shards.wire import Packer, unpack
+from shards.stream.decode import DecodeError, Scratch, decode_gray
+from shards.stream.label_policy import LabelEncoder, LabelPolicy
+from shards.stream.staging import stager
+from shards.stream.tarread import TarFormatError, iter_samples
+from shards.stream.wire import Packer, unpack
 
 log = logging.getLogger("shards.stream")
 IMAGENET_GRAY = ((0.449,), (0.226,))
@@ -214,7 +214,7 @@ class _Samples:
         return label_planes(bits, self.lesion_bits)
 
     def collate(self, items: list[dict]) -> dict:
-        """One packed batch (shards.wire): keys as a list; targets, masks, warp parameters (theta,
+        """One packed batch (shards.stream.wire): keys as a list; targets, masks, warp parameters (theta,
         brightness, contrast), lesion planes and pixels in one buffer, written in place."""
         n, labels = len(items), len(self.encoder.names)
         fields: dict[str, tuple[type, tuple[int, ...]]] = {

@@ -1,4 +1,4 @@
-"""Patient-level, deterministic train/val/test split and the leakage audit.
+"""Patient-level, deterministic train/val/test split, the leakage audit, and each split's statistics.
 
 A patient's split is a pure function of (salt, patient id): it does not depend on file order,
 on which other patients exist, or on the machine, so re-packing a grown dataset keeps every
@@ -8,22 +8,18 @@ kept whole; a train-pool patient who also appears there is dropped from train/va
 
 from __future__ import annotations
 
-import hashlib
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import combinations
 
 from shards.errors import LeakageError
-from shards.sources import Record, Reject
+from shards.hashing import patient_unit
+from shards.pack.sources import Record, Reject
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_SALT = "cxrbench-split-v1"
-
-
-def patient_unit(patient: str, salt: str) -> float:
-    """Map a patient id to a stable number in [0, 1) (sha256, so no Python hash randomisation)."""
-    digest = hashlib.sha256(f"{salt}:{patient}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+_LABEL_STATE = {1: "pos", 0: "neg", -1: "uncertain", None: "blank"}
 
 
 @dataclass
@@ -73,3 +69,18 @@ def audit_leakage(patients_by_split: Mapping[str, Iterable[str]]) -> dict:
             examples[f"{first}|{second}"] = sorted(shared)[:5]
         overlapping |= shared
     return {"overlapping_patients": len(overlapping), "pairs": pairs, "examples": examples}
+
+
+def split_statistics(records: Iterable[Record], label_names: Iterable[str]) -> dict:
+    """Samples, patients, views and raw-label prevalence of one split (its manifest entry)."""
+    records = list(records)
+    prevalence = {name: dict.fromkeys(_LABEL_STATE.values(), 0) for name in label_names}
+    for record in records:
+        for name, counts in prevalence.items():
+            counts[_LABEL_STATE[record.labels.get(name)]] += 1
+    return {
+        "samples": len(records),
+        "patients": len({record.patient for record in records}),
+        "views": dict(sorted(Counter(record.view for record in records).items())),
+        "prevalence": prevalence,
+    }

@@ -1,5 +1,6 @@
 """Turn one source image (+ optional lesion mask) into the bytes a shard stores.
 
+The packing side of a shard's image format; `shards.stream.decode` reads the bytes back.
 Torch-free on purpose: pack workers are forked processes and should start in milliseconds.
 """
 

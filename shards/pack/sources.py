@@ -105,7 +105,7 @@ class SourceData:
 
 
 def read_source(layout: str, root: Path) -> SourceData:
-    """Dispatch on layout name; the one entry point pack.py uses."""
+    """Dispatch on layout name; the one entry point the pack job uses."""
     if layout == "chexpert":
         return read_chexpert(root)
     if layout == "pneumonia":

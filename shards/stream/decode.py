@@ -1,5 +1,6 @@
 """Decode a shard's image bytes to uint8 grayscale, as fast as the format allows.
 
+The reading side of a shard's image format (`shards.pack.encode` wrote the bytes).
 JPEG goes through simplejpeg (libjpeg-turbo), downscaled in the DCT domain only by 1/2, 1/4 or
 1/8: those scales have SIMD paths, while libjpeg's other n/8 scales are slower than a full
 decode (bench/loader.py measured 6/8 at 0.79× the full-size rate), so a 320 px image headed for

@@ -1,4 +1,4 @@
-"""Pack a CheXpert or Kaggle-pneumonia tree into WebDataset tar shards (`python -m shards.pack`).
+"""Pack a CheXpert or Kaggle-pneumonia tree into WebDataset tar shards: the whole job, resumable.
 
 Flow: read records (sources) → split by patient (split) → order each split by a hash of the key
 (so every shard mixes patients and labels) → encode images in parallel, in order → write shards
@@ -8,11 +8,9 @@ The output is a pure function of the input and the options: `--workers` changes 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
-import os
 import shlex
 import time
 from collections import Counter
@@ -26,18 +24,19 @@ from tqdm import tqdm
 
 from shards import __version__
 from shards.atomic import write_json, write_jsonl
-from shards.errors import DataError, run_cli
-from shards.imaging import IMAGE_FORMATS, ImageError, ImageFormat, load_image, load_mask
-from shards.manifest import FORMAT_VERSION, MANIFEST, REJECTS, split_statistics
-from shards.shardio import (
+from shards.errors import DataError
+from shards.hashing import patient_unit
+from shards.manifest import FORMAT_VERSION, MANIFEST, REJECTS
+from shards.pack.encode import IMAGE_FORMATS, ImageError, ImageFormat, load_image, load_mask
+from shards.pack.shardio import (
     AtomicShardWriter,
     Journal,
     iter_stale_temps,
     sha256_file,
     shard_name,
 )
-from shards.sources import LAYOUTS, Record, Reject, SourceData, read_source
-from shards.split import DEFAULT_SALT, SPLITS, patient_unit, split_records
+from shards.pack.sources import Record, Reject, SourceData, read_source
+from shards.pack.split import DEFAULT_SALT, SPLITS, split_records, split_statistics
 
 log = logging.getLogger("shards.pack")
 TAR_BLOCK = 512
@@ -372,41 +371,3 @@ def _print_summary(manifest: dict, seconds: float, encoded: int, print_: Callabl
     print_(f"leakage: {manifest['leakage']['overlapping_patients']} patients in two splits")
     rate = encoded / seconds if seconds > 0 else 0.0
     print_(f"packed {encoded} images in {seconds:.1f} s ({rate:.0f} img/s)")
-
-
-# --- command line --------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shards.pack", description=__doc__.splitlines()[0])
-    parser.add_argument("--layout", required=True, choices=LAYOUTS)
-    parser.add_argument("--root", required=True, type=Path,
-                        help="folder holding CheXpert-v1.0-small/ (or CheXpert-v1.0/) or chest_xray/")
-    parser.add_argument("--out", required=True, type=Path, help="shard directory to write")
-    parser.add_argument("--size", type=int, default=320, help="shorter side in pixels (default 320)")
-    parser.add_argument("--format", dest="fmt", choices=IMAGE_FORMATS, default="jpg",
-                        help="jpg (default), png (lossless) or npy (raw uint8, no decode cost)")
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
-    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
-                        help="encoding processes (output is identical for any value)")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="fraction of train patients held out as val (default 0.1)")
-    parser.add_argument("--salt", default=DEFAULT_SALT, help="changes which patients go to val")
-    parser.add_argument("--shard-samples", type=int, default=2000, help="max samples per shard")
-    parser.add_argument("--shard-bytes", type=int, default=512 << 20, help="max bytes per shard")
-    parser.add_argument("--no-masks", dest="masks", action="store_false",
-                        help="do not store lesion masks even where <root>/masks/ has them")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete an existing pack in --out with other options, then pack")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    options = PackOptions(**vars(args))
-    pack(options)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
