@@ -10,7 +10,12 @@ import pytest
 
 from shards.errors import DataError
 from shards.labels import CHEXPERT_LABELS
-from shards.pack.sources import read_chexpert, read_pneumonia, read_source
+from shards.pack.sources import Record, read_chexpert, read_pneumonia, read_source
+
+
+def folder(record: Record) -> str:
+    """The source's own split folder (train / valid, or train / val / test), from the record's path."""
+    return record.relpath.split("/")[1]
 
 
 def csv_rows(root: Path, name: str) -> list[list[str]]:
@@ -34,7 +39,7 @@ def test_chexpert_records_match_the_csvs(chexpert_root: Path) -> None:
                 for name in CHEXPERT_LABELS}
     assert record.labels == expected
     assert {r.view for r in data.train_pool} == {"frontal", "lateral"}
-    assert {r.origin for r in data.test} == {"valid"}
+    assert {folder(r) for r in data.test} == {"valid"}
 
 
 def test_chexpert_full_resolution_and_renamed_trees(chexpert_root: Path, tmp_path: Path) -> None:
@@ -89,14 +94,14 @@ def test_pneumonia_records(pneumonia_root: Path) -> None:
     data = read_pneumonia(pneumonia_root)
     files = set((pneumonia_root / "chest_xray").rglob("*.jpeg"))
     assert len(data.train_pool) + len(data.test) == len(files) and not data.rejects
-    assert {r.origin for r in data.train_pool} == {"train", "val"}, "val/ is merged into the train pool"
+    assert {folder(r) for r in data.train_pool} == {"train", "val"}, "val/ is merged into the train pool"
     for record in data.train_pool + data.test:
         name = Path(record.path).name
         assert record.labels == {"Pneumonia": int(name.startswith("person"))}
         assert name.startswith(record.patient)
         assert record.subtype == (name.split("_")[1] if name.startswith("person") else None)
-    val_patients = {r.patient for r in data.train_pool if r.origin == "val"}
-    train_patients = {r.patient for r in data.train_pool if r.origin == "train"}
+    val_patients = {r.patient for r in data.train_pool if folder(r) == "val"}
+    train_patients = {r.patient for r in data.train_pool if folder(r) == "train"}
     assert val_patients <= train_patients
 
 

@@ -14,7 +14,7 @@ from shards.pack.split import audit_leakage, split_records
 
 def records(patients: range, per_patient: int = 3, origin: str = "train") -> list[Record]:
     return [Record(key=f"{origin}-p{p}-{i}", path=f"/x/p{p}/{i}.jpg", relpath=f"d/p{p}/{i}.jpg",
-                   patient=f"patient{p:05d}", origin=origin)
+                   patient=f"patient{p:05d}")
             for p in patients for i in range(per_patient)]
 
 
@@ -42,7 +42,7 @@ def test_deterministic_and_stable_when_the_dataset_grows() -> None:
 
 def test_train_patient_also_in_test_is_dropped_from_train() -> None:
     pool = records(range(20))
-    test = [replace(pool[0], key="valid-dup", origin="valid")]
+    test = [replace(pool[0], key="valid-dup")]
     result = split_records(pool, test, 0.1)
     assert [r.kind for r in result.rejects] == ["test_overlap"] * 3
     assert result.audit["dropped_for_test_overlap"] == 3 and result.audit["overlapping_patients"] == 0

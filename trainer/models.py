@@ -102,7 +102,6 @@ class ParamPlan:
     """Optimizer param groups (params, weight_decay, lr_scale), trainable parameters only."""
     trainable: int
     total: int
-    trainable_names: frozenset[str]
 
 
 def plan_parameters(model: nn.Module, freeze: str, layer_decay: float, weight_decay: float) -> ParamPlan:
@@ -126,7 +125,7 @@ def plan_parameters(model: nn.Module, freeze: str, layer_decay: float, weight_de
         buckets.setdefault((decay, scale), []).append(parameter)
     optimizer_groups = [{"params": params, "weight_decay": decay, "lr_scale": scale}
                         for (decay, scale), params in buckets.items()]
-    return ParamPlan(optimizer_groups, count, total, frozenset(trainable))
+    return ParamPlan(optimizer_groups, count, total)
 
 
 def keep_frozen_norms_in_eval(model: nn.Module) -> None:

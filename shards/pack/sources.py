@@ -41,8 +41,6 @@ class Record:
     relpath: str
     """Path relative to the dataset root's parent (how the CSV names it); masks mirror it."""
     patient: str
-    origin: str
-    """The source's own split folder: train / valid (CheXpert) or train / val / test (Kaggle)."""
     view: str = "frontal"
     study: str | None = None
     projection: str | None = None
@@ -210,7 +208,6 @@ def _chexpert_record(dataset_dir: Path, row: list[str], index: dict[str, int]) -
         path=str(image),
         relpath=rel,
         patient=patient.group(1),
-        origin=parts[1] if len(parts) > 1 else "train",
         view=view,
         study=study.group(1) if study else None,
         projection=_optional_cell(row, index, "AP/PA"),
@@ -309,7 +306,6 @@ def _read_pneumonia_folder(dataset_dir: Path, split: str, rejects: list[Reject])
                 path=str(image),
                 relpath=rel,
                 patient=match.group(1),
-                origin=split,
                 labels={"Pneumonia": label},
                 subtype=person.group(2) if person else None,
             )
