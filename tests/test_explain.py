@@ -21,10 +21,10 @@ from tests.trainer_helpers import DEMO, DEMO_VIT, ROOT, train
 from trainer.checkpoint import export_best
 from trainer.config import load_config
 from trainer.explain.__main__ import main
+from trainer.explain.cam_layers import cam_target, model_family
 from trainer.explain.localization import energy_in_mask, peak, pointing_hit
 from trainer.explain.methods import METHODS
 from trainer.explain.rollout import rollout, supports_rollout
-from trainer.explain.targets import cam_target, model_family
 from trainer.models import build_model
 
 
@@ -69,7 +69,7 @@ def layer_output(model: torch.nn.Module, layer: torch.nn.Module, size: int) -> t
     return seen[0]
 
 
-def test_targets_follow_the_architecture_not_hard_coded_sizes() -> None:
+def test_cam_layers_follow_the_architecture_not_hard_coded_sizes() -> None:
     """Prefix tokens (class, registers, distillation) are dropped and the grid comes from the
     patch embedding; Swin's channels-last stages are permuted; CNNs use a named feature stage."""
     torch.manual_seed(0)

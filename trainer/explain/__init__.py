@@ -7,7 +7,7 @@ label plus random ones), computes Grad-CAM / Grad-CAM++ (pytorch-grad-cam) and a
 masks (pointing game, energy in mask, deletion/insertion AUC) and writes overlays, one grid per
 label, an HTML gallery, TensorBoard images and `localization.json`.
 
-Modules: `loading` (run → model), `targets` (which layer, which reshape, per architecture
+Modules: `loading` (run → model), `cam_layers` (which layer, which reshape, per architecture
 family), `rollout`, `methods` (the registry of explainers), `samples` (streams and selection),
 `localization` (scores), `gallery` (images, HTML, TensorBoard), `job` (the whole run).
 """

@@ -1,6 +1,6 @@
 """The explainers, registered by name: each maps (model, images, class index) → N×H×W in [0, 1].
 
-Grad-CAM and Grad-CAM++ are pytorch-grad-cam's, on the layer `targets.cam_target` derives;
+Grad-CAM and Grad-CAM++ are pytorch-grad-cam's, on the layer `cam_layers.cam_target` derives;
 rollout is ours (`rollout.py`). A method that does not apply to an architecture (rollout on a CNN
 or a Swin) says so through `supports`, and the job skips that pair.
 """
@@ -18,8 +18,8 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from trainer.explain.cam_layers import cam_target
 from trainer.explain.rollout import normalize_maps, rollout, supports_rollout
-from trainer.explain.targets import cam_target
 
 Explain = Callable[[nn.Module, torch.Tensor, int], np.ndarray]
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.explain.targets import model_family, token_grid
+from trainer.explain.cam_layers import model_family, token_grid
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
