@@ -1,4 +1,4 @@
-"""The GPU path in one command (issue 12): model-only and end-to-end training img/s, MFU, peak
+"""The GPU path in one command: model-only and end-to-end training img/s, MFU, peak
 memory, and the fixed costs of a run (compile, one evaluation pass, one checkpoint save).
 
 On a GPU machine (one H100/H200; the lent machine has its own Python 3.12 + torch, no package
@@ -718,7 +718,7 @@ def summary_line(report: dict, profile: Profile) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The GPU path in one command (issue 12): img/s, MFU, "
+    parser = argparse.ArgumentParser(description="The GPU path in one command: img/s, MFU, "
                                      "memory, end-to-end and fixed costs; see the module docstring.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / ".cache" / "gpu")
     parser.add_argument("--budget-s", type=float, default=420.0,

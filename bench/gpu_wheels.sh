@@ -3,8 +3,7 @@
 # for bench/gpu.py. That machine has its own Python 3.12 with torch, torchvision, timm, accelerate,
 # tensorboard, safetensors, numpy, pillow, pyyaml, tqdm, scikit-learn, but no package index; the
 # import chain of bench/gpu.py (shards.stream.decode, shards.pack -> shards.pack.shardio) also needs
-# simplejpeg and webdataset (+ braceexpand). Everything else it imports is in that image
-# (checked against the image's package list in the device notes).
+# simplejpeg and webdataset (+ braceexpand). Everything else it imports is in that image.
 #
 # Run here (where the registry is reachable):   bash bench/gpu_wheels.sh
 # Then the one device command (run from the repo root, `.whl` carried; ~7.5 minutes):

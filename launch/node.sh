@@ -33,9 +33,10 @@ node_interface() {
 launch=(--num_machines "$machines" --machine_rank "$machine_rank"
         --main_process_ip "${MAIN_ADDR:-127.0.0.1}" --main_process_port "${MAIN_PORT:-29500}")
 if [[ "$gpus" -eq 0 ]]; then
-    # CPU allocation: two processes per node on gloo. `--cpu` alone would run one process
-    # (platform-facts.md); ACCELERATE_USE_CPU=1 with --multi_gpu gives real DDP on gloo. DeepSpeed
-    # finds the CPU by itself and is switched off by ACCELERATE_USE_CPU, so it keeps its config.
+    # CPU allocation: two processes per node on gloo. `--cpu` alone silently runs one process
+    # whatever --num_processes says; ACCELERATE_USE_CPU=1 with --multi_gpu gives real DDP on gloo.
+    # DeepSpeed finds the CPU by itself and is switched off by ACCELERATE_USE_CPU, so it keeps its
+    # config.
     per_node=2
     # gloo announces the address this host's *name* resolves to, often 127.0.0.1 in /etc/hosts:
     # other nodes could not connect back. Pin it to the interface SLURM reaches this node on.

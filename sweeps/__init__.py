@@ -1,1 +1,1 @@
-"""Ray Tune + Optuna sweeps over cxrbench trainer configs (see the sweeps issue)."""
+"""Ray Tune + Optuna sweeps over cxrbench trainer configs: `python -m sweeps.run` (README, Sweeps)."""

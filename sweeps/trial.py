@@ -103,7 +103,7 @@ def _run_ranks(cfg, run_dir: Path, setup: TrialSetup) -> None:
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, setup.cpus // setup.ranks))}
     mode = ["--multi_gpu"]
     if not gpus:
-        env["ACCELERATE_USE_CPU"] = "1"  # --cpu alone would run one process (platform-facts.md)
+        env["ACCELERATE_USE_CPU"] = "1"  # `--cpu` alone silently runs one process, whatever the count
     command = [
         accelerate,
         "launch",

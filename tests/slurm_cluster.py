@@ -57,7 +57,8 @@ class LocalSlurm:
     """`namespaces=0`: this host as the one node, on loopback. `namespaces=N`: N nodes n1..nN,
     each slurmd in its own network namespace (10.77.0.i on a private bridge, the controller at
     .254), so a job's tasks on different nodes talk over a real network path with their own
-    addresses (platform-facts.md: nsenter, not `ip netns exec`, which hides the cgroups)."""
+    addresses (slurmd starts under nsenter, not `ip netns exec`, which remounts /sys and leaves it
+    without cgroups)."""
 
     root: Path
     node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])

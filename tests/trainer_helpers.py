@@ -38,7 +38,7 @@ def command(config: str, overrides: list[str], processes: int,
 
 
 def environment(deepspeed: bool = False) -> dict[str, str]:
-    # ACCELERATE_USE_CPU: `--cpu` alone would silently run one process (platform-facts.md); it
+    # ACCELERATE_USE_CPU: `--cpu` alone would silently run one process, whatever the count; it
     # would also silently turn DeepSpeed off, which finds the CPU by itself.
     # DeepSpeed on the CPU on purpose says so (CXR_EXPECT_GPUS=0, as launch/node.sh does for
     # GPUS_PER_NODE=0): otherwise a DeepSpeed launch expects GPUs and stops where there are none.

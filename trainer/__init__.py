@@ -1,1 +1,1 @@
-"""Accelerate trainer for timm models on cxrbench shards (see the trainer issue)."""
+"""Accelerate trainer for timm models on cxrbench shards: `trainer/run.py` (README, Training)."""
