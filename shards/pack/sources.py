@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -102,6 +102,16 @@ class SourceData:
         return self.dataset_dir.parent / "masks"
 
 
+def _first_dataset_dir(root: Path, candidates: list[Path], holds_dataset: Callable[[Path], bool],
+                       expected: str) -> Path:
+    """The first candidate folder that holds the dataset (users point --root at the download, its
+    parent or its inner folder: each is fine); where none does, one line says what was expected."""
+    for candidate in candidates:
+        if holds_dataset(candidate):
+            return candidate
+    raise DataError(f"--root {root}: {expected}")
+
+
 def read_source(layout: str, root: Path) -> SourceData:
     """Dispatch on layout name; the one entry point the pack job uses."""
     if layout == "chexpert":
@@ -120,14 +130,11 @@ _REQUIRED_COLUMNS = ("Path", "Frontal/Lateral", *CHEXPERT_LABELS)
 
 def find_chexpert_dir(root: Path) -> Path:
     """Accept the folder holding CheXpert-v1.0-small/ (or CheXpert-v1.0/), or that folder itself."""
-    candidates = [root / name for name in CHEXPERT_DIRS] + [root]
-    for candidate in candidates:
-        if (candidate / "train.csv").is_file():
-            return candidate
-    raise DataError(
-        f"--root {root}: no CheXpert train.csv found (expected {root}/CheXpert-v1.0-small/train.csv "
-        f"or {root}/CheXpert-v1.0/train.csv)"
-    )
+    return _first_dataset_dir(
+        root, [*(root / name for name in CHEXPERT_DIRS), root],
+        lambda folder: (folder / "train.csv").is_file(),
+        f"no CheXpert train.csv found (expected {root}/CheXpert-v1.0-small/train.csv "
+        f"or {root}/CheXpert-v1.0/train.csv)")
 
 
 def read_chexpert(root: Path) -> SourceData:
@@ -257,13 +264,11 @@ def patient_from_key(key: str) -> str:
 
 def find_pneumonia_dir(root: Path) -> Path:
     """Accept chest_xray/ itself, its parent, or the doubly nested chest_xray/chest_xray/ of the zip."""
-    for candidate in (root, root / "chest_xray", root / "chest_xray" / "chest_xray"):
-        if all((candidate / split / cls).is_dir() for split in ("train", "test") for cls in _CLASSES):
-            return candidate
-    raise DataError(
-        f"--root {root}: no Kaggle pneumonia layout found "
-        f"(expected {root}/chest_xray/{{train,test}}/{{NORMAL,PNEUMONIA}}/)"
-    )
+    return _first_dataset_dir(
+        root, [root, root / "chest_xray", root / "chest_xray" / "chest_xray"],
+        lambda folder: all((folder / split / cls).is_dir() for split in ("train", "test")
+                           for cls in _CLASSES),
+        f"no Kaggle pneumonia layout found (expected {root}/chest_xray/{{train,test}}/{{NORMAL,PNEUMONIA}}/)")
 
 
 def read_pneumonia(root: Path) -> SourceData:
