@@ -11,10 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards.errors import DataError
+from shards.labels import RawLabel
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
+PREVALENCE_STATES: dict[RawLabel, str] = {1: "pos", 0: "neg", -1: "uncertain", None: "blank"}
+"""How a split's `prevalence` counts name each raw label value: the pack writes them, the stream's
+pos_weight reads them."""
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from itertools import combinations
 
 from shards.errors import LeakageError
 from shards.hashing import patient_unit
+from shards.manifest import PREVALENCE_STATES
 from shards.pack.sources import Record, Reject
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_SALT = "cxrbench-split-v1"
-_LABEL_STATE = {1: "pos", 0: "neg", -1: "uncertain", None: "blank"}
 
 
 @dataclass
@@ -74,10 +74,10 @@ def audit_leakage(patients_by_split: Mapping[str, Iterable[str]]) -> dict:
 def split_statistics(records: Iterable[Record], label_names: Iterable[str]) -> dict:
     """Samples, patients, views and raw-label prevalence of one split (its manifest entry)."""
     records = list(records)
-    prevalence = {name: dict.fromkeys(_LABEL_STATE.values(), 0) for name in label_names}
+    prevalence = {name: dict.fromkeys(PREVALENCE_STATES.values(), 0) for name in label_names}
     for record in records:
         for name, counts in prevalence.items():
-            counts[_LABEL_STATE[record.labels.get(name)]] += 1
+            counts[PREVALENCE_STATES[record.labels.get(name)]] += 1
     return {
         "samples": len(records),
         "patients": len({record.patient for record in records}),

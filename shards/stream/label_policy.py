@@ -16,6 +16,8 @@ from typing import Literal
 
 import numpy as np
 
+from shards.manifest import PREVALENCE_STATES
+
 UncertainPolicy = Literal["ignore", "zeros", "ones", "mixed"]
 BlankPolicy = Literal["zeros", "ignore"]
 UNCERTAIN_POLICIES: tuple[str, ...] = ("ignore", "zeros", "ones", "mixed")
@@ -109,7 +111,7 @@ class LabelEncoder:
         For BCEWithLogitsLoss(pos_weight=...): a label with no positives gets weight 1.0.
         """
         weights = np.ones(len(self.names), dtype=np.float32)
-        raw_state = {"pos": 1, "neg": 0, "uncertain": -1, "blank": None}
+        raw_state = {state: raw for raw, state in PREVALENCE_STATES.items()}
         for i, (name, rules) in enumerate(zip(self.names, self._rules, strict=True)):
             pos = neg = 0.0
             for state, count in prevalence.get(name, {}).items():
