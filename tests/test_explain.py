@@ -3,6 +3,7 @@ against the synthetic lesion masks, the CLI's outputs, and refusal of unsafe che
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -139,7 +140,16 @@ def untrained_vit(learn_shards: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.mark.slow
 def test_trained_cnn_points_at_the_lesion_and_writes_the_gallery(trained_cnn: Path, untrained_vit: Path,
-                                                                 learn_shards: Path, tmp_path: Path) -> None:
+                                                                 learn_shards: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    rolled_out: list[int] = []
+    real = METHODS["rollout"]
+
+    def counted(model: torch.nn.Module, images: torch.Tensor, index: int) -> np.ndarray:
+        rolled_out.append(len(images))
+        return real.explain(model, images, index)
+
+    monkeypatch.setitem(METHODS, "rollout", dataclasses.replace(real, explain=counted))
     out = tmp_path / "explain"
     code = main(["--run", str(trained_cnn), str(untrained_vit), "--shards", str(learn_shards),
                  "--split", "test", "--n", "24", "--steps", "2", "--workers", "0", "--out", str(out),
@@ -149,6 +159,10 @@ def test_trained_cnn_points_at_the_lesion_and_writes_the_gallery(trained_cnn: Pa
     assert set(scores) == {"cnn", "vit"}
     assert set(scores["cnn"]) == {"gradcam", "gradcam++"}
     assert set(scores["vit"]) == {"gradcam", "gradcam++", "rollout"}
+    chosen = json.loads((out / "explain.json").read_text())["samples"]
+    distinct = len({key for keys in chosen.values() for key in keys})
+    per_label = sum(len(keys) for keys in chosen.values())
+    assert sum(rolled_out) == distinct < per_label, "class-agnostic rollout: once per sample, not per label"
     for methods in scores.values():
         for labels in methods.values():
             assert set(labels) == set(COMPETITION5)

@@ -106,15 +106,27 @@ def choose_labels(wanted: tuple[str, ...] | None, runs: list[LoadedRun]) -> list
     return list(wanted)
 
 
+def every_sample_map(run: LoadedRun, method: Method, inputs: Inputs, batch_size: int,
+                     device: torch.device) -> np.ndarray:
+    """The maps of a class-agnostic method for all of a run's samples, one pass: each label's cell
+    takes its rows from them instead of recomputing the same map per label."""
+    maps = [method.explain(run.model, inputs.images[start:start + batch_size].to(device), 0)
+            for start in range(0, len(inputs.keys), batch_size)]
+    return np.concatenate(maps)
+
+
 def explain_cell(run: LoadedRun, method: Method, label: str, inputs: Inputs, rows: list[int],
-                 options: ExplainOptions, device: torch.device) -> Cell:
-    """Maps for one label's samples, scored where the label is positive (and has a mask)."""
+                 options: ExplainOptions, device: torch.device, shared: np.ndarray | None = None) -> Cell:
+    """Maps for one label's samples, scored where the label is positive (and has a mask).
+
+    `shared`: the method's maps of every sample (`every_sample_map`) when it ignores the label.
+    """
     column = run.labels.index(label)
     score, maps = Score(), []
     for start in range(0, len(rows), options.batch_size):
         chunk = rows[start:start + options.batch_size]
         images = inputs.images[chunk].to(device)
-        heat = method.explain(run.model, images, column)
+        heat = shared[chunk] if shared is not None else method.explain(run.model, images, column)
         maps.append(heat)
         positive = inputs.positive[chunk, column].numpy()
         lesion = inputs.lesion[chunk, column].numpy()
@@ -154,8 +166,11 @@ def explain(options: ExplainOptions) -> dict:
         if skipped:
             log.info("%s (%s): %s does not apply; skipped", run.name, run.config.model.name,
                      ", ".join(skipped))
+    shared = {(r, method.name): every_sample_map(run, method, inputs[r], options.batch_size, device)
+              for r, run in enumerate(runs) for method in methods
+              if method.supports(run.model) and not method.class_specific}
     cells = [explain_cell(runs[r], method, label, inputs[r], [position[k] for k in chosen[label]], options,
-                          device)
+                          device, shared.get((r, method.name)))
              for r, method, label in progress(work, options.progress, "explain")]
     scores = write_outputs(options, runs, labels, chosen, inputs, position, cells)
     return scores

@@ -22,6 +22,7 @@ from trainer.explain.cam_layers import cam_target
 from trainer.explain.rollout import normalize_maps, rollout, supports_rollout
 
 Explain = Callable[[nn.Module, torch.Tensor, int], np.ndarray]
+"""(model, images, class index) → N×H×W maps; a class-agnostic method ignores the index."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class Method:
     explain: Explain
     supports: Callable[[nn.Module], bool]
     class_specific: bool
-    """False: one map per image whatever the label (rollout)."""
+    """False: one map per image whatever the label (rollout), so the job computes it once per
+    sample and every label reuses it."""
 
 
 METHODS: dict[str, Method] = {}
