@@ -197,24 +197,34 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 class Payload:
-    """Unpickling this would run code: what weights_only / safetensors loading must refuse."""
+    """Unpickling this runs code with a visible effect (it creates `marker`): what weights_only and
+    safetensors loading must refuse before anything runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
 
     def __reduce__(self) -> tuple:
-        return (print, ("pickled code ran",))
+        return (open, (str(self.marker), "w"))
 
 
 @pytest.mark.slow
 def test_a_checkpoint_that_is_not_a_safe_tensor_file_is_refused(trained_cnn: Path, learn_shards: Path,
-                                                                tmp_path: Path) -> None:
-    run = tmp_path / "run"
+                                                                tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run, marker = tmp_path / "run", tmp_path / "pickled-code-ran"
     shutil.copytree(trained_cnn / "best", run / "best")
-    (run / "best" / "model.safetensors").write_bytes(pickle.dumps({"weights": Payload()}))
+    (run / "best" / "model.safetensors").write_bytes(pickle.dumps({"weights": Payload(marker)}))
     result = run_cli("--run", str(run), "--shards", str(learn_shards), "--out", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "safetensors" in result.stderr
-    assert "pickled code ran" not in result.stdout
+    assert not marker.exists(), "model.safetensors was unpickled"
+
     (run / "best" / "model.safetensors").unlink()
-    torch.save({"weights": Payload()}, run / "best" / "model.pt")
+    torch.save({"weights": Payload(marker)}, run / "best" / "model.pt")
+    capsys.readouterr()
     assert main(["--run", str(run), "--shards", str(learn_shards), "--out", str(tmp_path / "out")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {run / 'best' / 'model.pt'}: refused"), errors
+    assert not marker.exists(), "model.pt was unpickled with weights_only=False: its code ran"
     assert not (tmp_path / "out" / "localization.json").exists()
     assert main(["--run", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2

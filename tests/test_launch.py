@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,13 @@ RESOURCE_FREE = "CXR_REQUIRE_SLURM"
 """Set (as .ci/run does) to fail instead of skip when SLURM cannot be started here."""
 
 
+def unavailable(why: str) -> typing.NoReturn:
+    """Skip a test that needs what this machine lacks; fail it where it must run (CI)."""
+    if os.environ.get(RESOURCE_FREE) == "1":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlurm]:
     why = None
@@ -38,9 +46,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlurm]:
     elif os.geteuid() != 0:
         why = "the local SLURM needs root (slurmd starts jobs as the submitting user)"
     if why:
-        if os.environ.get(RESOURCE_FREE) == "1":
-            pytest.fail(why)
-        pytest.skip(why)
+        unavailable(why)
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
@@ -334,13 +340,13 @@ def test_explain_script_on_a_trained_run(
 def two_nodes(slurm: LocalSlurm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlurm]:
     """Two real SLURM nodes on this machine: each slurmd in its own network namespace."""
     if not (shutil.which("ip") and shutil.which("nsenter")):
-        pytest.skip("needs iproute2 (ip) and nsenter for network namespaces")
+        unavailable("needs iproute2 (ip) and nsenter for network namespaces")
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm2"), namespaces=2)
     try:
         cluster.start()
     except subprocess.CalledProcessError as err:  # no CAP_NET_ADMIN in this container
         cluster.stop()
-        pytest.skip(f"cannot create network namespaces here: {err.stderr.decode(errors='replace').strip()}")
+        unavailable(f"cannot create network namespaces here: {err.stderr.decode(errors='replace').strip()}")
     try:
         yield cluster
     finally:

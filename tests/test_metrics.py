@@ -44,13 +44,39 @@ def test_multilabel_macro_and_chexpert5() -> None:
     assert "auroc_chexpert5" not in metrics and metrics["auroc_macro"] == pytest.approx(np.mean(expected[1:]))
 
 
+def youden_by_hand(probs: list[float], targets: list[int]) -> tuple[float, float]:
+    """Every cut `prob >= t` at an observed prob, counted with plain loops: (t, J) with the largest
+    J = sensitivity + specificity - 1 (the first such t from the top)."""
+    positives, negatives = sum(targets), len(targets) - sum(targets)
+    best = (math.nan, -1.0)
+    for cut in sorted(set(probs), reverse=True):
+        tp = sum(1 for p, y in zip(probs, targets, strict=True) if p >= cut and y == 1)
+        fp = sum(1 for p, y in zip(probs, targets, strict=True) if p >= cut and y == 0)
+        j = tp / positives - fp / negatives
+        if j > best[1]:
+            best = (cut, j)
+    return best
+
+
 def test_binary_metrics_at_the_validation_threshold() -> None:
+    """Youden's J picks exactly one observed probability, and the binary metrics are counted at
+    that threshold (a sample equal to it counts as positive)."""
     targets = np.array([0, 0, 0, 1, 1, 1, 1, 0], dtype=np.float32)
     probs = np.array([0.1, 0.2, 0.45, 0.4, 0.7, 0.8, 0.9, 0.6], dtype=np.float32)
+    # prob >= 0.9: J = 1/4; 0.8: 2/4; 0.7: 3/4 (3 of 4 positives, no negative); 0.6: 3/4 - 1/4; ...
+    cut, j = youden_by_hand(probs.tolist(), targets.astype(int).tolist())
+    assert (cut, j) == (float(np.float32(0.7)), 0.75)
     threshold = choose_threshold(probs, targets)
-    assert 0.2 < threshold <= 0.7
+    assert threshold == cut
     metrics = binary_metrics(Predictions(list("abcdefgh"), probs[:, None], targets[:, None],
+                                         np.ones((8, 1))), threshold)
+    assert metrics["threshold"] == cut
+    # At 0.7: 0.7, 0.8, 0.9 positive (tp 3), 0.4 missed (fn 1), all four negatives below (tn 4).
+    assert metrics["confusion"] == {"tn": 4, "fp": 0, "fn": 1, "tp": 3}
+    assert metrics["accuracy"] == 7 / 8 and metrics["sensitivity"] == 0.75 and metrics["specificity"] == 1.0
+    assert metrics["precision"] == 1.0 and metrics["f1"] == pytest.approx(6 / 7)
+    assert metrics["auroc_macro"] == roc_auc_score(targets, probs)
+    # The same predictions at 0.5 (a threshold Youden would not pick) count differently.
+    at_half = binary_metrics(Predictions(list("abcdefgh"), probs[:, None], targets[:, None],
                                          np.ones((8, 1))), 0.5)
-    assert metrics["confusion"] == {"tn": 3, "fp": 1, "fn": 1, "tp": 3}
-    assert metrics["accuracy"] == 0.75 and metrics["sensitivity"] == 0.75 and metrics["specificity"] == 0.75
-    assert metrics["f1"] == pytest.approx(0.75) and metrics["auroc_macro"] == roc_auc_score(targets, probs)
+    assert at_half["confusion"] == {"tn": 3, "fp": 1, "fn": 1, "tp": 3}

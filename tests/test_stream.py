@@ -23,7 +23,6 @@ from PIL import Image
 
 from shards.errors import DataError
 from shards.labels import CHEXPERT_LABELS, COMPETITION5
-from shards.lesion import label_bit, resize_nearest
 from shards.stream import AugmentConfig, LabelPolicy, Stream, StreamConfig, eval_stream, train_stream
 
 NO_PIN_WARNING = pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")
@@ -710,6 +709,14 @@ def test_malformed_metadata_is_skipped_and_counted(chexpert_shards: Path, tmp_pa
     assert victim not in keys and stream.skipped == 1
 
 
+def nearest_by_centres(bits: np.ndarray, size: int) -> np.ndarray:
+    """The expected geometry written out: output pixel i samples the source pixel under its centre,
+    floor((i + 0.5) * source / size), in integer arithmetic (no float rounding at the edges)."""
+    rows = [(2 * i + 1) * bits.shape[0] // (2 * size) for i in range(size)]
+    cols = [(2 * j + 1) * bits.shape[1] // (2 * size) for j in range(size)]
+    return np.array([[bits[r, c] for c in cols] for r in rows], dtype=bits.dtype)
+
+
 def test_lesion_masks_are_opt_in_per_label_and_follow_the_image_geometry(chexpert_shards: Path) -> None:
     """Off by default (batches unchanged); on, each label's plane is that label's bit of the packed
     mask, resized the way the image is (whole image squashed to size × size)."""
@@ -734,9 +741,9 @@ def test_lesion_masks_are_opt_in_per_label_and_follow_the_image_geometry(chexper
                 assert not planes.any()
                 continue
             seen += 1
-            bits = resize_nearest(packed[key], 40, 40)
+            bits = nearest_by_centres(packed[key], 40)
             for index, name in enumerate(labels):
-                expected = (bits & label_bit(CHEXPERT_LABELS.index(name))) != 0
+                expected = (bits & (1 << CHEXPERT_LABELS.index(name))) != 0  # bit i: CheXpert column i
                 assert np.array_equal(planes[index].numpy(), expected), (key, name)
                 if planes[index].any():
                     assert target[index] == 1, "a marked finding is a positive label"

@@ -132,12 +132,17 @@ def comparison(summaries: list[dict], metric: str, out: Path) -> Path | None:
         return None
     rows.sort(key=lambda s: (s["model"], s["freeze"]))
     values = [s["metrics"][metric]["value"] for s in rows]
-    low = [v - (s["metrics"][metric]["ci_low"] or v) for v, s in zip(values, rows, strict=True)]
-    high = [(s["metrics"][metric]["ci_high"] or v) - v for v, s in zip(values, rows, strict=True)]
+    # The interval drawn as it is, centred on its own middle: a percentile interval may exclude the
+    # value (bar height), which an error bar measured from the value cannot show.
+    low = [s["metrics"][metric]["ci_low"] for s in rows]
+    high = [s["metrics"][metric]["ci_high"] for s in rows]
+    with_ci = [i for i in range(len(rows)) if low[i] is not None and high[i] is not None]
     freezes = sorted({s["freeze"] for s in rows})
     colors = {f: plt.cm.tab10(i) for i, f in enumerate(freezes)}
     fig, ax = plt.subplots(figsize=(max(5, 1.0 * len(rows) + 2), 4))
-    ax.bar(range(len(rows)), values, yerr=[low, high], capsize=4, color=[colors[s["freeze"]] for s in rows])
+    ax.bar(range(len(rows)), values, color=[colors[s["freeze"]] for s in rows])
+    middle, half = [(low[i] + high[i]) / 2 for i in with_ci], [(high[i] - low[i]) / 2 for i in with_ci]
+    ax.errorbar(with_ci, middle, yerr=half, fmt="none", ecolor="black", capsize=4)
     ax.set_xticks(range(len(rows)), [f"{s['name']}\n{s['model']}\n{s['freeze']}" for s in rows], fontsize=7)
     ax.set(
         title=f"test {metric}, 95% CI, by model and freeze strategy",

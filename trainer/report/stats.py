@@ -45,7 +45,11 @@ def _resample(groups: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
 def bootstrap(
     statistic: Metric, patients: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95
 ) -> Interval:
-    """Percentile interval of `statistic` over patient resamples (undefined resamples skipped)."""
+    """Percentile interval of `statistic` over patient resamples (undefined resamples skipped).
+
+    Reported as it is, even when it excludes `value`: a percentile interval need not contain the
+    point estimate, and one that does not shows a biased or skewed statistic (stretching the
+    interval to include the estimate would hide that, and would no longer be this interval)."""
     rows = np.arange(len(patients))
     value = statistic(rows)
     groups = patient_groups(patients)
@@ -56,7 +60,7 @@ def bootstrap(
         return Interval(value, math.nan, math.nan, len(draws))
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(draws, [tail, 100 - tail])
-    return Interval(float(value), float(min(low, value)), float(max(high, value)), len(draws))
+    return Interval(float(value), float(low), float(high), len(draws))
 
 
 @dataclass(frozen=True)
