@@ -4,6 +4,7 @@ real checkpoints, TensorBoard files read back. Nothing is mocked (no GPU here: C
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -355,6 +357,63 @@ def test_ema_run_preempted_mid_way_resumes_to_the_uninterrupted_result(chexpert_
     resumed = load_file(str(run_dir / "best" / "model.safetensors"))
     for name, tensor in straight.items():
         assert torch.allclose(resumed[name].float(), tensor.float(), atol=1e-5), name
+
+
+def other_labels_inverted_in_val(source: Path, destination: Path) -> Path:
+    """A copy of a pack whose val split has every label outside the competition five inverted
+    (positive ↔ negative or blank; uncertain left as it is): the more a model learns, the higher its
+    val AUROC on the five and the lower on the other nine."""
+    shutil.copytree(source, destination)
+    for shard in sorted(destination.glob("val-*.tar")):
+        with tarfile.open(shard) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for member, data in members:
+                body = data
+                if member.name.endswith(".json"):
+                    record = json.loads(data)
+                    record["labels"] = {name: value if name in COMPETITION5 or value == -1
+                                        else int(value != 1) for name, value in record["labels"].items()}
+                    body = json.dumps(record).encode()
+                    member.size = len(body)
+                tar.addfile(member, io.BytesIO(body))
+    return destination
+
+
+def test_chexpert5_selects_the_best_model_and_resume_takes_a_checkpoint_path(learn_shards: Path,
+                                                                           tmp_path: Path) -> None:
+    """run.metric=auroc_chexpert5 on 14 labels: the best model is the one with the best competition-5
+    mean, where the macro mean over all 14 labels disagrees (by construction: the other nine are
+    inverted in val, so learning lowers them). run.resume=PATH: a new run directory continues
+    from another run's checkpoint (not its latest) to the same evaluation as the run it left."""
+    shards = other_labels_inverted_in_val(learn_shards, tmp_path / "shards")
+    overrides = [f"data.shards={shards}", "data.labels=chexpert14", "data.uncertain=ones",
+                 "run.metric=auroc_chexpert5", "optim.epochs=3", "data.samples_per_epoch=256",
+                 "data.batch_size=16", "data.workers=0", "run.keep_last=3", "run.test_at_end=false",
+                 "run.image_grid=false"]
+    first = tmp_path / "first"
+    result = train(DEMO, [*overrides, f"run.dir={first}"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    val = records(first, "val")
+    chexpert5, macro = [line["auroc_chexpert5"] for line in val], [line["auroc_macro"] for line in val]
+    best = int(np.argmax(chexpert5))
+    assert best != int(np.argmax(macro)), ("the two metrics must disagree here", chexpert5, macro)
+    card = json.loads((first / "best" / "model_card.json").read_text())
+    assert card["step"] == val[best]["step"] and card["val_metrics"]["auroc_chexpert5"] == chexpert5[best]
+    exported = load_file(str(first / "best" / "model.safetensors"))
+    chosen = load_file(str(first / "checkpoints" / f"step-{val[best]['step']:08d}" / "model.safetensors"))
+    assert all(torch.equal(exported[name], chosen[name]) for name in chosen)
+
+    step = val[1]["step"]
+    checkpoint = first / "checkpoints" / f"step-{step:08d}"  # epoch 1's end: not the latest
+    second = tmp_path / "second"
+    result = train(DEMO, [*overrides, f"run.dir={second}", f"run.resume={checkpoint}"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"resumed from {checkpoint} (step {step}, epoch 2)" in result.stdout
+    (line,) = records(second, "val")
+    assert line["step"] == val[2]["step"] and line["auroc"] == pytest.approx(val[2]["auroc"], abs=1e-5)
+    assert [r["step"] for r in records(second, "train")] == [r["step"] for r in records(first, "train")
+                                                              if r["step"] > step]
 
 
 @pytest.mark.parametrize(("stage", "precision"), [(2, "bf16"), (3, "no")])
