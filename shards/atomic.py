@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,23 +53,3 @@ def write_bytes(path: Path, data: bytes) -> None:
     with replacing(path) as temp:
         temp.write_bytes(data)
 
-
-@contextmanager
-def replacing_dir(path: Path) -> Iterator[Path]:
-    """A directory written as a unit (a checkpoint, `best/`): filled under a temporary name, then
-    swapped in; a crash leaves the previous directory or none, never a half-filled one."""
-    temp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir(parents=True)
-    try:
-        yield temp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.replace(old)
-            temp.replace(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            temp.replace(path)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
