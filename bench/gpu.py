@@ -250,7 +250,8 @@ def preflight() -> str | None:
     import importlib
 
     for module in ("timm", "accelerate", "simplejpeg", "webdataset", "shards.stream", "shards.pack",
-                   "shards.synth", "trainer.models", "trainer.engine", "trainer.checkpoint"):
+                   "shards.synth", "trainer.models", "trainer.rundir", "trainer.engine",
+                   "trainer.checkpoint"):
         try:
             importlib.import_module(module)
         except ImportError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,26 @@ def replacing(path: Path, suffix: str = "", fsync: bool = True) -> Iterator[Path
         temp.replace(path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+@contextmanager
+def replacing_dir(path: Path) -> Iterator[Path]:
+    """A directory written as a unit (`best/`): filled under a hidden temporary name, then swapped
+    in; a crash leaves the previous directory (or, between the two renames, its `.old` copy beside
+    it), never a half-filled one under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp, old = temp_name(path), path.with_name(f".{path.name}.old")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    try:
+        yield temp
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.replace(old)
+        temp.replace(path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -16,7 +16,9 @@ from pathlib import Path
 import yaml
 
 from shards.atomic import write_text
-from trainer.config import load_config
+from trainer import rundir
+from trainer.metrics import format_metric
+from trainer.rundir import RunDirError
 
 
 @dataclass
@@ -37,7 +39,7 @@ def collect(trials_dir: Path, metric: str) -> list[TrialRow]:
     trials whose metrics are missing or unreadable are kept with status 'no metrics'."""
     rows = []
     for run_dir in sorted(p for p in trials_dir.iterdir() if p.is_dir()) if trials_dir.is_dir() else []:
-        records = read_records(run_dir / "metrics.jsonl")
+        records = rundir.read_records(run_dir, tolerant=True)  # a trial may be writing it now
         try:
             info = json.loads((run_dir / "trial.json").read_text())
         except (OSError, json.JSONDecodeError):
@@ -73,23 +75,10 @@ def collect(trials_dir: Path, metric: str) -> list[TrialRow]:
     return rows
 
 
-def read_records(path: Path) -> list[dict]:
-    """A metrics.jsonl, tolerantly: a line being written right now (or a damaged one) is skipped."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def _max_epochs(run_dir: Path) -> int:
     try:
-        return int(yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["epochs"])
-    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return rundir.read_config(run_dir).optim.epochs
+    except RunDirError:
         return 0
 
 
@@ -118,7 +107,7 @@ def write_tables(rows: list[TrialRow], out: Path, metric: str, times: dict[str, 
             rank,
             row.trial,
             *params,
-            _fmt(row.best),
+            format_metric(row.best, missing=""),
             row.best_epoch or "",
             row.epochs,
             row.max_epochs,
@@ -145,11 +134,10 @@ def write_tables(rows: list[TrialRow], out: Path, metric: str, times: dict[str, 
 def write_best(rows: list[TrialRow], out: Path, name: str) -> Path | None:
     """The best trial's resolved config as a ready trainer YAML (fresh run dir, no resume)."""
     for row in rows:
-        config_file = row.run_dir / "config.yaml"
-        if row.best is None or not config_file.is_file():
+        if row.best is None or not (row.run_dir / rundir.CONFIG).is_file():
             continue
         fresh = [f"run.dir=runs/{name}-best", "run.resume=never", "run.test_at_end=true"]
-        cfg = load_config(config_file, fresh)
+        cfg = rundir.read_config(row.run_dir, fresh, environment=True)
         text = (
             f"# Best trial of sweep {name}: {row.trial}, val {row.best:.4f}.\n"
             f"# Train it in full: python trainer/run.py --config {out / 'best.yaml'}\n"
@@ -167,7 +155,3 @@ def _param_cell(key: str, value: object) -> object:
 def _short(cell: object) -> str:
     """Sampled floats to 3 significant digits in the markdown table (the CSV keeps them whole)."""
     return f"{cell:.3g}" if isinstance(cell, float) else str(cell)
-
-
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"

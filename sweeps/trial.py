@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards.atomic import write_json
-from sweeps.results import read_records
+from trainer import rundir
 from trainer.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def _run_ranks(cfg, run_dir: Path, setup: TrialSetup) -> None:
 
 
 def _val_records(run_dir: Path) -> list[dict]:
-    return [r for r in read_records(run_dir / "metrics.jsonl") if r.get("split") == "val"]
+    return [r for r in rundir.read_records(run_dir, tolerant=True) if r["split"] == "val"]
 
 
 def _free_port() -> int:

@@ -19,14 +19,14 @@ from PIL import Image
 
 from shards.labels import COMPETITION5
 from tests.trainer_helpers import DEMO, DEMO_VIT, ROOT, train
-from trainer.checkpoint import export_best
 from trainer.config import load_config
 from trainer.explain.__main__ import main
-from trainer.explain.cam_layers import cam_target, model_family
+from trainer.explain.cam_layers import cam_target
 from trainer.explain.localization import energy_in_mask, peak, pointing_hit
 from trainer.explain.methods import METHODS
 from trainer.explain.rollout import rollout, supports_rollout
-from trainer.models import build_model
+from trainer.models import build_model, model_family
+from trainer.rundir import export_best
 
 
 def tiny(name: str, size: int) -> torch.nn.Module:

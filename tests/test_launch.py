@@ -23,6 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.slurm_cluster import Job, LocalSlurm, missing_binaries
 from tests.trainer_helpers import DEMO, ROOT, records, wait_for
+from trainer import rundir
 
 pytestmark = pytest.mark.slow
 LAUNCH = ROOT / "launch"
@@ -92,8 +93,9 @@ def test_sbatch_single_node_completes(straight: tuple, chexpert_shards: Path) ->
     assert len(records(run_dir, "val")) == 3 and len(records(run_dir, "test")) == 1
     # Two ranks on gloo scored every validation sample exactly once.
     manifest = json.loads((chexpert_shards / "manifest.json").read_text())
-    keys = np.load(run_dir / "predictions_val.npz")["keys"]
-    assert len(keys) == len(set(keys.tolist())) == manifest["splits"]["val"]["samples"]
+    scored = rundir.read_predictions(rundir.predictions_path(run_dir, "val"))
+    assert len(scored.keys) == len(set(scored.keys.tolist())) == manifest["splits"]["val"]["samples"]
+    assert all(scored.patients), "every row carries its patient"
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     assert events.Tags()["scalars"], "TensorBoard events were written and read back"
@@ -113,6 +115,13 @@ def test_sbatch_deepspeed_zero2_on_cpu(slurm: LocalSlurm, chexpert_shards: Path,
     assert "ACCELERATE_CONFIG=zero2" in log and records(run_dir, "test")
     saved = next((run_dir / "checkpoints").glob("step-*"))
     assert any("zero" in p.name or p.suffix == ".pt" for p in saved.rglob("*")), "a DeepSpeed checkpoint"
+
+
+def assert_scored_once(run_dir: Path, reference: Path) -> None:
+    """Every validation sample scored exactly once, as many as the reference run scored."""
+    keys = rundir.read_predictions(rundir.predictions_path(run_dir, "val")).keys.tolist()
+    expected = rundir.read_predictions(rundir.predictions_path(reference, "val")).keys.tolist()
+    assert len(keys) == len(set(keys)) == len(expected)
 
 
 def _stepd_alive(job: Job) -> bool:
@@ -142,10 +151,10 @@ def test_usr1_checkpoints_requeues_and_resumes(
         env=job_env(DEMO, run_dir, chexpert_shards, EXTRA),
         cwd=ROOT,
     )
-    wait_for(lambda: len(records(run_dir, "train")) >= 3, timeout=300)
+    wait_for(lambda: len(records(run_dir, "train", running=True)) >= 3, timeout=300)
     slurm.signal(job, "USR1")  # what --signal=USR1@300 does before the time limit
     pending = wait_for_state(slurm, job, lambda s: s.get("Restarts") == "1" and s["JobState"] != "RUNNING")
-    marker = json.loads((run_dir / "preempted.json").read_text())
+    marker = json.loads((run_dir / rundir.PREEMPTED).read_text())
     assert (run_dir / "checkpoints" / f"step-{marker['step']:08d}" / "train_state.json").is_file()
     # SLURM holds a requeued job for ~2 minutes (BeginTime); an admin may release it at once.
     # That is the only thing the test does that a cluster would not: the script is unchanged.
@@ -169,7 +178,7 @@ def test_usr1_checkpoints_requeues_and_resumes(
     assert steps == sorted(set(steps)), "no step trained twice into the metrics log"
     assert steps == [line["step"] for line in records(reference, "train")], "same steps as uninterrupted"
     assert [r["step"] for r in records(run_dir, "val")] == [r["step"] for r in records(reference, "val")]
-    assert not (run_dir / "preempted.json").exists()
+    assert not (run_dir / rundir.PREEMPTED).exists()
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 2, "one TensorBoard run, appended"
 
 
@@ -199,8 +208,7 @@ def test_multinode_two_machine_ranks(
     _, _, reference = straight
     four, two = records(run_dir, "val")[0]["step"], records(reference, "val")[0]["step"]
     assert four < two, "the two machine ranks joined one world instead of training apart"
-    keys = np.load(run_dir / "predictions_val.npz")["keys"]
-    assert len(keys) == len(set(keys.tolist())) == len(np.load(reference / "predictions_val.npz")["keys"])
+    assert_scored_once(run_dir, reference)
 
 
 def test_bad_config_fails_once_without_requeue(
@@ -208,7 +216,7 @@ def test_bad_config_fails_once_without_requeue(
 ) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "preempted.json").write_text("{}")  # left by an earlier preemption: must not count
+    (run_dir / rundir.PREEMPTED).write_text("{}")  # left by an earlier preemption: must not count
     time.sleep(1.1)
     job = slurm.sbatch(
         [*CPU_ALLOCATION, str(LAUNCH / "h100_8gpu.sh")],
@@ -379,8 +387,7 @@ def test_multinode_on_two_network_namespace_nodes(
     assert "node 0/2" in log and "node 1/2" in log and "main 10.77.0.1:" in log and "gloo on cxr" in log
     _, _, reference = straight
     assert records(run_dir, "val")[0]["step"] < records(reference, "val")[0]["step"], "one 4-rank world"
-    keys = np.load(run_dir / "predictions_val.npz")["keys"]
-    assert len(keys) == len(set(keys.tolist())) == len(np.load(reference / "predictions_val.npz")["keys"])
+    assert_scored_once(run_dir, reference)
 
 
 def test_multinode_deepspeed_zero2_on_two_network_namespace_nodes(
@@ -411,8 +418,7 @@ def test_multinode_deepspeed_zero2_on_two_network_namespace_nodes(
     assert "node 0/2" in log and "node 1/2" in log and "ACCELERATE_CONFIG=zero2" in log
     _, _, reference = straight
     assert records(run_dir, "val")[0]["step"] < records(reference, "val")[0]["step"], "one 4-rank world"
-    keys = np.load(run_dir / "predictions_val.npz")["keys"]
-    assert len(keys) == len(set(keys.tolist())) == len(np.load(reference / "predictions_val.npz")["keys"])
+    assert_scored_once(run_dir, reference)
     before, after = load_file(str(start)), load_file(str(run_dir / "best" / "model.safetensors"))
     for name, tensor in before.items():
         if not name.startswith(("fc.", "layer4.")):

@@ -143,6 +143,11 @@ def run_folder(
     (root / "corrupt" / "metrics.jsonl").write_text('{"split": "val"\nnot json\n')
     shutil.copytree(root / "cnn", root / "unfinished")
     (root / "unfinished" / "predictions_test.npz").unlink()
+    shutil.copytree(root / "cnn", root / "no-patients")  # as written before predictions carried them
+    old = root / "no-patients" / "predictions_test.npz"
+    with np.load(old, allow_pickle=False) as saved:
+        arrays = {name: saved[name] for name in saved.files if name != "patients"}
+    np.savez_compressed(old, **arrays)
     return root
 
 
@@ -181,6 +186,8 @@ def test_report_end_to_end(run_folder: Path, tmp_path: Path) -> None:
     assert skipped == {
         "corrupt": "metrics.jsonl line 1: not JSON",
         "unfinished": "predictions_test.npz missing",
+        "no-patients": "predictions_test.npz: no patients array (written before predictions carried "
+                       "patients): re-evaluate the run to score it by patient",
     }
 
     assert len(summary["figures"]) >= 10

@@ -90,6 +90,32 @@ def test_eval_scores_every_val_sample_exactly_once(chexpert_shards: Path, world:
     assert set(keys) == set(expected)
 
 
+@pytest.mark.parametrize(("dataset", "split", "workers", "decode_device"), [
+    ("chexpert", "val", 0, "cpu"),
+    ("chexpert", "train", 2, "cpu"),
+    ("chexpert", "test", 1, "cuda"),  # the device-decode path (its GPU part falls back to the CPU here)
+    ("pneumonia", "test", 2, "cpu"),
+])
+@NO_PIN_WARNING
+@NO_TV_DEPRECATION
+def test_every_batch_carries_each_samples_patient(request: pytest.FixtureRequest, dataset: str, split: str,
+                                                  workers: int, decode_device: str) -> None:
+    """The patient travels with the key (the report resamples patients from predictions): each
+    row's patient is the one in that sample's own JSON, on every layout and loader path."""
+    shards = request.getfixturevalue(f"{dataset}_shards")
+    expected = tar_samples(shards, split)
+    cfg = config(shards, split=split, workers=workers, decode_device=decode_device,
+                 labels="pneumonia" if dataset == "pneumonia" else "chexpert14")
+    stream = train_stream(cfg, 0, 1) if split == "train" else eval_stream(cfg)
+    seen = 0
+    for batch in stream.batches():
+        assert len(batch["patient"]) == len(batch["key"])
+        for key, patient in zip(batch["key"], batch["patient"], strict=True):
+            assert patient and patient == expected[key]["patient"], key
+            seen += 1
+    assert seen > 0 and len({expected[k]["patient"] for k in expected}) > 1
+
+
 @pytest.mark.parametrize(("dataset", "split", "world", "workers"), [
     ("chexpert", "test", 3, 2),
     ("pneumonia", "val", 2, 2),  # its last val shard holds a single sample

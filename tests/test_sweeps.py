@@ -139,7 +139,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
     trials = storage / "grid" / "trials"
 
     def finished() -> list[Path]:
-        return [p for p in trials.glob("*") if len(records(p, "val")) == 3] if trials.is_dir() else []
+        running = trials.glob("*") if trials.is_dir() else []
+        return [p for p in running if len(records(p, "val", running=True)) == 3]
 
     try:
         wait_for(lambda: len(finished()) >= 1, timeout=300)

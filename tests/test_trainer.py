@@ -110,6 +110,11 @@ def test_run_directory_contract_and_tensorboard(cnn_run: Path) -> None:
     with np.load(cnn_run / "predictions_test.npz", allow_pickle=False) as saved:
         assert saved["probs"].shape == (records(cnn_run, "test")[-1]["samples"], 5)
         assert list(saved["labels"]) == list(COMPETITION5) and len(set(saved["keys"])) == len(saved["keys"])
+        # each row's patient came through the eval batch: CheXpert keys name their patient too
+        pairs = list(zip(saved["keys"].tolist(), saved["patients"].tolist(), strict=True))
+        assert all(patient.startswith("patient") and f"-{patient}-" in key for key, patient in pairs)
+        assert len(set(saved["patients"].tolist())) < len(pairs), "patients with several images"
+    assert json.loads((cnn_run / "best" / "model_card.json").read_text())["family"] == "cnn"
     for line in records(cnn_run):
         assert {"split", "epoch", "step"} <= set(line)
     val = records(cnn_run, "val")
@@ -241,7 +246,7 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(learn_shards: Path, tmp_path:
     overrides = [f"data.shards={learn_shards}", "optim.epochs=50", "run.log_every=1"]
     run_dir = tmp_path / "one"
     process = start(DEMO, [*overrides, f"run.dir={run_dir}"])
-    wait_for(lambda: len(records(run_dir, "train")) >= 2)
+    wait_for(lambda: len(records(run_dir, "train", running=True)) >= 2)
     process.send_signal(signal.SIGUSR1)
     assert process.wait(timeout=120) == 75
     marker = json.loads((run_dir / "preempted.json").read_text())
@@ -250,14 +255,14 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(learn_shards: Path, tmp_path:
     # Two ranks, only rank 1 signalled: both must stop at the same step with one checkpoint.
     run_dir = tmp_path / "two"
     process = start(DEMO, [*overrides, f"run.dir={run_dir}"], processes=2)
-    wait_for(lambda: len(records(run_dir, "train")) >= 2)
+    wait_for(lambda: len(records(run_dir, "train", running=True)) >= 2)
     children = psutil.Process(process.pid).children(recursive=True)
     pids = {p.pid for p in children if "run.py" in " ".join(p.cmdline())}
     ranks = [p for p in children if p.pid in pids and p.ppid() not in pids]  # not their loader workers
     assert len(ranks) == 2
     max(ranks, key=lambda p: p.pid).send_signal(signal.SIGUSR1)
     output, _ = process.communicate(timeout=120)
-    # accelerate launch exits 1 for any failed rank (trainer/engine.py EXIT_REQUEUE); the ranks'
+    # accelerate launch exits 1 for any failed rank (trainer/preemption.py EXIT_REQUEUE); the ranks'
     # own exit statuses are in torch elastic's failure table: both ranks left with 75.
     assert process.returncode == 1, output[-3000:]
     statuses = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", output))
@@ -316,7 +321,7 @@ def test_ema_is_built_on_the_models_device_in_float32(chexpert_shards: Path, tmp
     on the CPU: the device half of this check only bites on a GPU."""
     from accelerate import Accelerator
 
-    from trainer.engine import setup
+    from trainer.build import setup
 
     cfg = load_config(DEMO, [f"data.shards={chexpert_shards}", f"run.dir={tmp_path / 'run'}", "optim.ema=0.9",
                              "data.workers=0"])
@@ -340,7 +345,7 @@ def test_ema_run_preempted_mid_way_resumes_to_the_uninterrupted_result(chexpert_
 
     run_dir = tmp_path / "preempted"
     process = start(DEMO, [*overrides, f"run.dir={run_dir}"])
-    wait_for(lambda: len(records(run_dir, "train")) >= 3)
+    wait_for(lambda: len(records(run_dir, "train", running=True)) >= 3)
     process.send_signal(signal.SIGUSR1)
     assert process.wait(timeout=120) == 75
     checkpoint = next((run_dir / "checkpoints").iterdir())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from trainer import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = str(ROOT / "trainer" / "run.py")
@@ -86,11 +87,10 @@ def _process(pid: int) -> psutil.Process | None:
         return None
 
 
-def records(run_dir: Path, split: str | None = None) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def records(run_dir: Path, split: str | None = None, running: bool = False) -> list[dict]:
+    """The run's metrics records (of one split). A finished run's file must read strictly; one
+    still `running` may not exist yet or end in a line being written."""
+    lines = rundir.read_records(run_dir, tolerant=running)
     return [line for line in lines if split is None or line["split"] == split]
 
 

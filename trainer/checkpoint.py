@@ -1,12 +1,11 @@
-"""Crash-safe checkpoints and the best-model export.
+"""Crash-safe, resumable checkpoints (the `checkpoints/` part of the run directory).
 
 A checkpoint is `checkpoints/step-NNNNNNNN/`: what `accelerator.save_state` writes (model and
 optimizer as safetensors/tensor files, scheduler, per-rank RNG states; all loaded back with
 `weights_only=True`) plus `train_state.json`, our own contract (TrainState + stream position, plain
 JSON: nothing of ours is ever unpickled). It is written under `.tmp-step-…` and renamed when every
 rank has finished, so a directory named `step-…` is always complete. The last `keep_last` and the
-best one by the configured metric are kept. `best/` holds the exported weights
-(`model.safetensors`), `config.yaml` and a model card, replaced atomically on each improvement.
+best one by the configured metric are kept. (`best/`, the exported model, is trainer/rundir.py's.)
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 
 from shards.atomic import write_json
-from trainer.config import Config
+from trainer.rundir import CHECKPOINTS
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "train_state.json"
@@ -42,15 +41,20 @@ class TrainState:
     samples: int = 0
     best_metric: float | None = None
     best_step: int | None = None
-    epoch_done: bool = False
     stream: dict = field(default_factory=dict)
     train_seconds: float = 0.0
     """Wall time spent training (evaluation excluded), summed across resumes: the report's x axis."""
 
+    @classmethod
+    def from_saved(cls, saved: dict) -> TrainState:
+        """A train_state.json; fields an older version saved and this one dropped are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in saved.items() if key in known})
+
 
 class Checkpointer:
     def __init__(self, run_dir: Path, accelerator: Accelerator, keep_last: int) -> None:
-        self.root = run_dir / "checkpoints"
+        self.root = run_dir / CHECKPOINTS
         self.accelerator, self.keep_last = accelerator, keep_last
 
     def save(self, state: TrainState, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
@@ -97,22 +101,4 @@ class Checkpointer:
 
     def load(self, directory: Path) -> TrainState:
         self.accelerator.load_state(str(directory))
-        return TrainState(**json.loads((directory / STATE_FILE).read_text(encoding="utf-8")))
-
-
-def export_best(run_dir: Path, weights: dict[str, torch.Tensor], config: Config, card: dict) -> None:
-    """Weights as safetensors + the config that rebuilds the model + a model card (main rank)."""
-    tmp, final = run_dir / ".best.tmp", run_dir / "best"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {name: value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype)
-               .contiguous() for name, value in weights.items()}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config.save(tmp / "config.yaml")
-    write_json(tmp / "model_card.json", card)
-    old = run_dir / ".best.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.replace(old)
-    tmp.replace(final)
-    shutil.rmtree(old, ignore_errors=True)
+        return TrainState.from_saved(json.loads((directory / STATE_FILE).read_text(encoding="utf-8")))

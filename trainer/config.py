@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-FREEZE_STRATEGIES: tuple[str, ...] = ("head", "head+last_block", "full", "layer_decay")
+from shards.atomic import write_text
+
 METRICS: tuple[str, ...] = ("auroc_macro", "auroc_chexpert5", "accuracy", "f1", "sensitivity", "specificity")
 """Validation metrics that can pick the best checkpoint (all: higher is better)."""
 
@@ -121,14 +122,20 @@ class Config:
         return asdict(self)
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        """Written whole or not at all: a run directory's config.yaml is what every reader opens first."""
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # --- building from YAML and overrides --------------------------------------------------------
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """File (if any), then `a.b=value` overrides (values parsed as YAML), then validation."""
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                environment: bool = True) -> Config:
+    """File (if any), then `a.b=value` overrides (values parsed as YAML), then validation.
+
+    `environment=False` reads a record of a run (a run directory's config.yaml, read by the report
+    on another machine, months later): types and ranges are checked, not whether its shards,
+    weights file or timm model exist here."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -151,6 +158,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _set_dotted(raw, key.strip(), value)
     config = _build(Config, raw, "")
     validate(config)
+    if environment:
+        check_environment(config)
     return config
 
 
@@ -227,7 +236,7 @@ def _coerce_union(value: object, args: tuple, key: str) -> object:
 
 
 def validate(config: Config) -> None:
-    """Checks that need more than a type: ranges, the model name, the shards on disk."""
+    """Checks that need more than a type: ranges and names of choices."""
     data, model, optim, run = config.data, config.model, config.optim, config.run
     positive = {"data.image_size": data.image_size, "data.batch_size": data.batch_size,
                 "optim.epochs": optim.epochs, "optim.grad_accum": optim.grad_accum,
@@ -246,6 +255,11 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optim.ema: expected a decay in (0, 1), got {optim.ema}")
     if run.metric not in METRICS:
         raise ConfigError(f"run.metric: {run.metric!r} is not one of {', '.join(METRICS)}")
+
+
+def check_environment(config: Config) -> None:
+    """What must exist on this machine for the config to run: the shards, the model, weights."""
+    data, model, run = config.data, config.model, config.run
     if not data.shards:
         raise ConfigError("data.shards: not set (a directory written by python -m shards.pack)")
     if not (Path(data.shards) / "manifest.json").is_file():

@@ -23,6 +23,7 @@ from shards.synth import ChexpertOptions, generate_chexpert
 from shards.synth.chexpert import DATASET_DIR
 from trainer.config import ConfigError, load_config
 from trainer.engine import train
+from trainer.metrics import format_metric
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 MODELS = {"cnn": "demo_cpu.yaml", "vit": "demo_cpu_vit.yaml"}
@@ -74,13 +75,10 @@ def print_comparison(results: dict[str, tuple[str, dict, float]]) -> None:
     print(f"{'label':<18}" + "".join(f"{results[n][0]:>24}" for n in names))
     for label in COMPETITION5:
         cells = [results[n][1].get("auroc", {}).get(label) for n in names]
-        print(f"{label:<18}" + "".join(f"{'n/a' if c is None else f'{c:.3f}':>24}" for c in cells))
-    print(f"{'macro':<18}" + "".join(f"{_fmt(results[n][1].get('auroc_macro')):>24}" for n in names))
+        print(f"{label:<18}" + "".join(f"{format_metric(c, '.3f'):>24}" for c in cells))
+    macro = [results[n][1].get("auroc_macro") for n in names]
+    print(f"{'macro':<18}" + "".join(f"{format_metric(value, '.3f'):>24}" for value in macro))
     print(f"{'wall time':<18}" + "".join(f"{results[n][2]:>23.0f}s" for n in names))
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

@@ -9,39 +9,12 @@ confusion matrix at a threshold chosen on validation (Youden's J), then applied 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from shards.labels import COMPETITION5
-
-
-@dataclass
-class Predictions:
-    """One split's predictions, one row per sample, de-duplicated by key."""
-
-    keys: list[str]
-    probs: np.ndarray
-    targets: np.ndarray
-    masks: np.ndarray
-    gathered: int = 0
-    """Rows received from all ranks before de-duplication (equal to len(keys) when exact)."""
-
-    @classmethod
-    def merge(cls, parts: list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]]) -> Predictions:
-        """Rows gathered from every rank; a key seen twice is kept once (first occurrence)."""
-        seen: dict[str, tuple[int, int]] = {}
-        for part_index, (keys, *_) in enumerate(parts):
-            for row, key in enumerate(keys):
-                seen.setdefault(key, (part_index, row))
-        order = sorted(seen)
-        rows = [seen[key] for key in order]
-
-        def stack(column: int) -> np.ndarray:
-            return np.stack([parts[p][column][r] for p, r in rows]) if rows else np.zeros((0, 0))
-
-        return cls(order, stack(1), stack(2), stack(3), gathered=sum(len(part[0]) for part in parts))
+from trainer.rundir import Predictions
 
 
 def label_auroc(probs: np.ndarray, targets: np.ndarray, masks: np.ndarray) -> float:
@@ -70,10 +43,12 @@ def multilabel_metrics(names: tuple[str, ...], predictions: Predictions) -> dict
     return metrics
 
 
-def choose_threshold(probs: np.ndarray, targets: np.ndarray) -> float:
-    """Youden's J on validation: the ROC point furthest above the diagonal."""
-    if targets.min() == targets.max():
-        return 0.5
+def youden_threshold(targets: np.ndarray, probs: np.ndarray) -> float | None:
+    """Youden's J: the threshold of the ROC point furthest above the diagonal (maximal
+    sensitivity + specificity − 1). None without both classes: there is no such point, and a
+    caller that needs a number anyway says which one it falls back to."""
+    if len(np.unique(targets)) < 2:
+        return None
     fpr, tpr, thresholds = roc_curve(targets, probs)
     best = int(np.argmax(tpr - fpr))
     return float(min(1.0, thresholds[best]))
@@ -101,3 +76,11 @@ def binary_metrics(predictions: Predictions, threshold: float) -> dict:
         "f1": f1,
         "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
     }
+
+
+def format_metric(value: float | None, spec: str = ".4f", missing: str = "n/a") -> str:
+    """A metric for a log line or a table cell (`spec` as in `format`), `missing` for None or NaN:
+    the one formatter of the trainer's log, the demo's table, sweep tables and the report."""
+    if value is None or not math.isfinite(value):
+        return missing
+    return format(value, spec)

@@ -137,6 +137,26 @@ def keep_frozen_norms_in_eval(model: nn.Module) -> None:
             module.eval()
 
 
+def model_family(model: nn.Module) -> str:
+    """cnn, vit or swin, from the module's structure (not its name), so a timm architecture the
+    project has never listed is classified too. `vit`: anything with transformer blocks, a patch
+    embedding and prefix tokens (ViT, DeiT and its distilled variant, ViT-ResNet hybrids); `swin`:
+    timm models whose stages are channels-last (`output_fmt == "NHWC"`); everything else `cnn`.
+    Grad-CAM picks its target layer by it; the report sides each run with it."""
+    if all(hasattr(model, name) for name in ("blocks", "patch_embed", "num_prefix_tokens")):
+        return "vit"
+    if getattr(model, "output_fmt", "NCHW") == "NHWC":
+        return "swin"
+    return "cnn"
+
+
+def model_family_by_name(name: str) -> str:
+    """`model_family` of a timm architecture, built on the meta device (no memory, no weights):
+    for run directories whose model card predates the family field."""
+    with torch.device("meta"):
+        return model_family(timm.create_model(name, pretrained=False))
+
+
 def is_convnet(model: nn.Module) -> bool:
     """Most parameters in 2-D convolutions: worth channels_last."""
     conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))

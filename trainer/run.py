@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # `python trainer/run.py`: make the project impor
 
 from shards.errors import DataError
 from trainer.config import ConfigError, load_config
+from trainer.rundir import RunDirError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,13 +34,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.overrides)
-        from trainer.engine import Preempted, train  # noqa: PLC0415 - keeps --help and config errors fast
+        from trainer.engine import train  # noqa: PLC0415 - keeps --help and config errors fast
+        from trainer.preemption import Preempted  # noqa: PLC0415
 
         try:
             train(config)
         except Preempted as stop:
             return int(stop.code)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -6,7 +6,6 @@ rewrite for the JSON lines), so no step appears twice however often a run is int
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,28 +15,26 @@ from sklearn.metrics import roc_curve
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
+from trainer import rundir
+
 
 class Tracker:
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None) -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.run_dir = run_dir
         self.writer: SummaryWriter | None = None
         if not enabled:
             return
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = self.path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            tmp.replace(self.path)
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        if resume_step is not None:
+            rundir.truncate_records(run_dir, resume_step)
+        self.writer = SummaryWriter(str(run_dir / rundir.TENSORBOARD),
+                                    purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, record: dict) -> None:
         """One JSON line; numbers (and the `auroc` dict) also go to TensorBoard as scalars."""
         if not self.enabled:
             return
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, default=_plain) + "\n")
+        rundir.append_record(self.run_dir, record)
         assert self.writer is not None
         split, step = record["split"], record["step"]
         for key, value in record.items():
@@ -90,9 +87,3 @@ def _plot_curve(x: np.ndarray, y: np.ndarray, size: int = 128) -> np.ndarray:
     ys = np.interp(xs, x, y)
     canvas[(size - 1 - np.round(ys * (size - 1))).astype(int), np.round(xs * (size - 1)).astype(int)] = 0
     return canvas
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

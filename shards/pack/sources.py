@@ -251,17 +251,6 @@ _NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+(?:-\d+)?$")
 _CLASSES = {"NORMAL": 0, "PNEUMONIA": 1}
 
 
-_KEY_PATIENT = re.compile(r"(patient\d+)|(person\d+)_|-((?:NORMAL2-)?IM-\d+)-\d+")
-
-
-def patient_from_key(key: str) -> str:
-    """The patient of a packed sample, from its key (CheXpert `...-patientNNNNN-...`, Kaggle
-    `...-personN_...` or `...-IM-XXXX-YYYY`): what the report's bootstrap resamples. Unknown
-    layouts fall back to the key itself (each image its own patient)."""
-    match = _KEY_PATIENT.search(key)
-    return next((group for group in match.groups() if group), key) if match else key
-
-
 def find_pneumonia_dir(root: Path) -> Path:
     """Accept chest_xray/ itself, its parent, or the doubly nested chest_xray/chest_xray/ of the zip."""
     return _first_dataset_dir(

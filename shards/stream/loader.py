@@ -181,7 +181,8 @@ class _Samples:
         Per-sample values stay plain Python/numpy here: `collate` writes them into the batch's
         one buffer, so no per-sample tensor is made.
         """
-        item = {"key": meta.get("key", raw["__key__"]), "labels": meta.get("labels", {}), "params": params}
+        item = {"key": meta.get("key", raw["__key__"]), "patient": str(meta.get("patient", "")),
+                "labels": meta.get("labels", {}), "params": params}
         if self.lesion_bits is not None:
             item["lesion"] = self.lesion(raw, item["key"])
         if self.on_device:
@@ -235,7 +236,8 @@ class _Samples:
                 row[...] = item["lesion"]
         self._fill_pixels(items, packer)
         self.scratch.reset()  # the items' pixels are in the buffer now: their decode memory is free
-        return packer.message(key=[item["key"] for item in items])
+        return packer.message(key=[item["key"] for item in items],
+                              patient=[item["patient"] for item in items])
 
     def _pixel_fields(self, items: list[dict]) -> dict[str, tuple[type, tuple[int, ...]]]:
         n = len(items)
@@ -483,7 +485,8 @@ class Stream:
             image = _moved(batch["image"], device).float()
         if adjust:
             image = photometric(image, _moved(batch["brightness"], device), _moved(batch["contrast"], device))
-        out = {"key": batch["key"], "image": normalize(image, self.config.mean, self.config.std)}
+        out = {"key": batch["key"], "patient": batch["patient"],
+               "image": normalize(image, self.config.mean, self.config.std)}
         for name in ("target", "mask", "lesion"):
             if name in batch:  # a copy even on the CPU: a view would keep the whole host buffer alive
                 out[name] = batch[name].to(device, non_blocking=device.type == "cuda", copy=True)
@@ -527,7 +530,8 @@ _PER_SAMPLE = ("target", "mask", "theta", "brightness", "contrast", "lesion")
 def _rows(batch: dict, keep: list[int]) -> dict:
     """The batch restricted to the samples `keep` (host tensors: plain indexing)."""
     out = {name: value[keep] for name, value in batch.items() if name in _PER_SAMPLE}
-    return {**batch, **out, "key": [batch["key"][index] for index in keep]}
+    return {**batch, **out, "key": [batch["key"][index] for index in keep],
+            "patient": [batch["patient"][index] for index in keep]}
 
 
 def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

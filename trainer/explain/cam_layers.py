@@ -1,6 +1,6 @@
 """Where Grad-CAM looks, derived from the model: no layer names or grid sizes are hard-coded.
 
-Three families cover the presets (and most of timm):
+Three families (`trainer.models.model_family`) cover the presets (and most of timm):
 - `cnn`: the last feature stage timm names in `feature_info` (ResNet `layer4`, DenseNet
   `features.norm5`, EfficientNet's last block, ...), already N×C×H×W. At small inputs that stage
   can be 2×2 (64 px / stride 32), whose upsampled map only names a quadrant: the deepest stage
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from trainer.explain.loading import ExplainError
+from trainer.models import model_family
 
 Reshape = Callable[[torch.Tensor], torch.Tensor]
 MIN_GRID = 4
@@ -36,15 +37,6 @@ class CamTarget:
     layer: nn.Module
     reshape: Reshape | None
     """Activation → N×C×H×W for pytorch-grad-cam (None: already so)."""
-
-
-def model_family(model: nn.Module) -> str:
-    """cnn, vit or swin (see the module docstring)."""
-    if all(hasattr(model, name) for name in ("blocks", "patch_embed", "num_prefix_tokens")):
-        return "vit"
-    if getattr(model, "output_fmt", "NCHW") == "NHWC":
-        return "swin"
-    return "cnn"
 
 
 def token_grid(model: nn.Module, height: int, width: int, patch_tokens: int) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import torch
 
 from shards.atomic import write_json, write_text
 from trainer.explain import DEFAULT_METHODS, gallery
-from trainer.explain.loading import ExplainError, LoadedRun, load_run
+from trainer.explain.loading import ExplainError, LoadedRun, load_best_model
 from trainer.explain.localization import Score, deletion_insertion
 from trainer.explain.methods import Method, resolve_methods
 from trainer.explain.samples import Inputs, explain_stream_config, gather, score_split, select
@@ -85,7 +85,7 @@ def resolve_device(name: str) -> torch.device:
 def load_runs(paths: tuple[Path, ...], shards: Path | None) -> list[LoadedRun]:
     runs, seen = [], {}
     for path in paths:
-        run = load_run(path, shards)
+        run = load_best_model(path, shards)
         seen[run.name] = seen.get(run.name, 0) + 1
         if seen[run.name] > 1:
             run.name = f"{run.name}-{seen[run.name]}"

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.explain.cam_layers import model_family, token_grid
+from trainer.explain.cam_layers import token_grid
+from trainer.models import model_family
 
 HEAD_FUSIONS = ("mean", "max", "min")
 

@@ -52,7 +52,7 @@ class Inputs:
 
 
 def explain_stream_config(run: LoadedRun, split: str, batch_size: int, workers: int) -> StreamConfig:
-    from trainer.engine import stream_config  # noqa: PLC0415 - heavy; also what the trainer evaluates with
+    from trainer.data import stream_config  # noqa: PLC0415 - heavy; also what the trainer evaluates with
 
     config = stream_config(run.config, run.model, split)
     return replace(config, with_lesion_masks=True, batch_size=batch_size, workers=workers,

@@ -13,13 +13,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from shards.atomic import write_json, write_text
+from trainer import rundir
+from trainer.config import Config
 from trainer.report import figures
 from trainer.report.analysis import ANCHORS, Settings, compare, pairs, run_metrics
 from trainer.report.render import render_html, render_markdown
 from trainer.report.runs import RunData, find_runs, load_run, load_sweep
+from trainer.rundir import RunDirError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = _name(path, paths)
         try:
             runs.append(load_run(path, name))
-        except ValueError as err:
+        except RunDirError as err:
             skipped.append({"path": str(path), "reason": str(err)})
             print(f"skipped {path}: {err}", file=sys.stderr)
     if not runs:
@@ -164,10 +165,12 @@ def _points(runs: list[RunData], summaries: list[dict], sweeps: list[Path], prim
     for sweep in sweeps:
         for row in load_sweep(sweep):
             value = _float(next((v for k, v in row.items() if k.startswith("val_")), None))
-            config_file = Path(row.get("run_dir", "")) / "config.yaml"
-            if value is None or not config_file.is_file():
+            if value is None:
                 continue
-            config = yaml.safe_load(config_file.read_text())
+            try:
+                config = rundir.read_config(Path(row.get("run_dir", "")))
+            except RunDirError:
+                continue  # a trial without a readable config: no setting to draw it at
             points.append(_point(config, value, "best val"))
     if points:
         return points, "sweep trials, best val metric"
@@ -177,16 +180,15 @@ def _points(runs: list[RunData], summaries: list[dict], sweeps: list[Path], prim
     return points, f"runs, test {primary}"
 
 
-def _point(config: dict, value: float | None, metric: str) -> dict:
-    data, model, optim = config.get("data", {}), config.get("model", {}), config.get("optim", {})
+def _point(config: Config, value: float | None, metric: str) -> dict:
     return {
-        "model": model.get("name", "?"),
-        "freeze": model.get("freeze", "?"),
+        "model": config.model.name,
+        "freeze": config.model.freeze,
         "value": value,
         "metric": metric,
-        "fraction": data.get("patient_fraction"),
-        "augment": data.get("augment"),
-        "lr": optim.get("lr"),
+        "fraction": config.data.patient_fraction,
+        "augment": config.data.augment,
+        "lr": config.optim.lr,
     }
 
 

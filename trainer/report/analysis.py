@@ -8,11 +8,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import roc_curve
 
 from shards.labels import COMPETITION5
+from trainer.metrics import youden_threshold
 from trainer.report import stats
-from trainer.report.runs import Predictions, RunData
+from trainer.report.runs import RunData
+from trainer.rundir import Predictions
 
 ANCHORS = [
     {
@@ -52,15 +53,6 @@ def _interval(value: stats.Interval) -> dict:
 
 def _num(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), 6)
-
-
-def youden_threshold(targets: np.ndarray, probs: np.ndarray) -> float | None:
-    """Threshold maximising sensitivity + specificity − 1 on val (None without both classes)."""
-    if len(np.unique(targets)) < 2:
-        return None
-    fpr, tpr, thresholds = roc_curve(targets, probs)
-    best = int(np.argmax(tpr - fpr))
-    return float(min(1.0, thresholds[best]))
 
 
 def run_metrics(run: RunData, settings: Settings) -> dict:

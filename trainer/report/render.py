@@ -6,6 +6,8 @@ import html
 
 from markdown_it import MarkdownIt
 
+from trainer.metrics import format_metric
+
 PNEUMONIA_METRICS = ("auroc/Pneumonia", "accuracy", "sensitivity", "specificity", "f1")
 
 
@@ -21,10 +23,6 @@ def _p(value: float | None) -> str:
     if value is None:
         return "n/a"
     return "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
-def _num(value: float | None, spec: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, spec)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -78,8 +76,8 @@ def render_markdown(summary: dict) -> str:
                 f"{pair['b']} ({pair['model_b']})",
                 str(pair["n"]),
                 pair["metric"],
-                f"{_num(pair['delta'], '+.3f')} [{_num(pair['ci_low'], '+.3f')}, "
-                f"{_num(pair['ci_high'], '+.3f')}]",
+                f"{format_metric(pair['delta'], '+.3f')} [{format_metric(pair['ci_low'], '+.3f')}, "
+                f"{format_metric(pair['ci_high'], '+.3f')}]",
                 _p(pair["p_value"]),
                 _p(min(delong)) if delong else "n/a",
             ]
@@ -98,10 +96,10 @@ def render_markdown(summary: dict) -> str:
                 [
                     run["name"],
                     label,
-                    _num(calibration["ece"]),
-                    _num(run["thresholds"].get(label)),
-                    _num(at.get("sensitivity")),
-                    _num(at.get("specificity")),
+                    format_metric(calibration["ece"], ".3f"),
+                    format_metric(run["thresholds"].get(label), ".3f"),
+                    format_metric(at.get("sensitivity"), ".3f"),
+                    format_metric(at.get("specificity"), ".3f"),
                 ]
             )
     lines += _table(["run", "label", "ECE", "threshold (val)", "test sensitivity", "test specificity"], rows)
@@ -135,7 +133,7 @@ def _run_table(columns: list[str], metrics: list[str], runs: list[dict]) -> list
             *(_ci(r["metrics"].get(m)) for m in metrics),
             _params(r["trainable_parameters"]),
             _minutes(r["train_seconds"]),
-            _num(r["img_per_s"], ".0f"),
+            format_metric(r["img_per_s"], ".0f"),
         ]
         for r in runs
     ]
