@@ -549,7 +549,8 @@ def test_warp_on_device_matches_the_worker_path(chexpert_shards: Path, split: st
     assert pairs
     for a, b in pairs:
         assert a["key"] == b["key"] and torch.equal(a["target"], b["target"])
-        assert set(b) == {"key", "target", "mask", "image"} and a["image"].shape == b["image"].shape
+        assert set(b) == {"key", "patient", "target", "mask", "image"}
+        assert a["image"].shape == b["image"].shape
         assert (a["image"] - b["image"]).abs().mean() < 0.1  # in std units: ≈6 gray levels
 
 
@@ -567,7 +568,7 @@ def test_decode_on_device_path_matches_the_cpu_path(chexpert_shards: Path, split
     pairs = list(zip(make(cfg).batches(), on_device, strict=True))
     assert len(pairs) >= 6
     for cpu, device in pairs:
-        assert set(device) == {"key", "target", "mask", "image"}, "JPEG bytes and params are consumed"
+        assert set(device) == {"key", "patient", "target", "mask", "image"}, "JPEG bytes, params consumed"
         assert cpu["key"] == device["key"] and torch.equal(cpu["target"], device["target"])
         assert device["image"].shape == cpu["image"].shape == (len(cpu["key"]), 1, image_size, image_size)
         assert (cpu["image"] - device["image"]).abs().mean() < tolerance
@@ -612,7 +613,9 @@ def test_device_warp_host_batches_carry_everything_as_tensors(chexpert_shards: P
                  image_size=64)
     for batch in list(train_stream(cfg).host_batches())[:4]:
         n = len(batch["key"])
-        layout = {name: (tuple(v.shape[:1]), v.dtype) for name, v in batch.items() if name != "key"}
+        assert len(batch["patient"]) == n  # plain strings beside the keys; everything else tensors
+        plain = ("key", "patient")
+        layout = {name: (tuple(v.shape[:1]), v.dtype) for name, v in batch.items() if name not in plain}
         assert layout == {
             "target": ((n,), torch.float32), "mask": ((n,), torch.float32), "theta": ((n,), torch.float32),
             "brightness": ((n,), torch.float32), "contrast": ((n,), torch.float32),
