@@ -195,21 +195,19 @@ def read_predictions(path: Path) -> Predictions:
         raise RunDirError(f"{path.name} missing")
     try:
         with np.load(path, allow_pickle=False) as data:  # never unpickle a run's files
-            names = set(data.files)
-            if "patients" not in names:
-                raise RunDirError(f"{path.name}: no patients array (written before predictions carried "
-                                  "patients): re-evaluate the run to score it by patient")
-            missing = sorted({"keys", "labels", "probs", "targets", "masks"} - names)
-            if missing:
-                raise RunDirError(f"{path.name}: no {missing[0]} array")
-            predictions = Predictions(
-                data["keys"].astype(str), data["patients"].astype(str), tuple(str(x) for x in data["labels"]),
-                data["probs"].astype(np.float64), data["targets"].astype(np.float64),
-                data["masks"].astype(np.float64))
+            arrays = {name: data[name] for name in data.files}
     except (OSError, ValueError) as err:
-        if isinstance(err, RunDirError):
-            raise
         raise RunDirError(f"{path.name}: not a predictions file ({_first_line(err)})") from None
+    if "patients" not in arrays:
+        raise RunDirError(f"{path.name}: no patients array (written before predictions carried "
+                          "patients): re-evaluate the run to score it by patient")
+    missing = sorted({"keys", "labels", "probs", "targets", "masks"} - set(arrays))
+    if missing:
+        raise RunDirError(f"{path.name}: no {missing[0]} array")
+    predictions = Predictions(
+        arrays["keys"].astype(str), arrays["patients"].astype(str), tuple(str(x) for x in arrays["labels"]),
+        arrays["probs"].astype(np.float64), arrays["targets"].astype(np.float64),
+        arrays["masks"].astype(np.float64), gathered=len(arrays["keys"]))
     rows = len(predictions.keys)
     shape = (rows, len(predictions.labels))
     if not (predictions.probs.shape == predictions.targets.shape == predictions.masks.shape == shape) \
@@ -217,7 +215,6 @@ def read_predictions(path: Path) -> Predictions:
         raise RunDirError(f"{path.name}: arrays of mismatched shapes")
     if rows and not all(predictions.patients):
         raise RunDirError(f"{path.name}: a row without a patient (were the shards packed without one?)")
-    predictions.gathered = rows
     return predictions
 
 
@@ -236,10 +233,6 @@ def export_best(run_dir: Path, weights: dict[str, torch.Tensor], config: Config,
         save_file(tensors, str(temp / WEIGHTS), metadata={"format": "pt"})
         config.save(temp / CONFIG)
         write_json(temp / CARD, card)
-
-
-def best_weights_path(run_dir: Path) -> Path:
-    return run_dir / BEST / WEIGHTS
 
 
 def read_card(run_dir: Path) -> dict:
