@@ -66,3 +66,15 @@ def pack_to(root: Path, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def learn_shards(learn_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pack_to(learn_source, tmp_path_factory.mktemp("learn-shards"))
+
+
+@pytest.fixture(scope="session")
+def cnn_run(learn_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo CNN trained 3 epochs on two processes, tested at the end: shared read-only by the
+    trainer tests that read a finished run and the explain tests that score its heatmaps."""
+    from tests.trainer_helpers import DEMO, train
+
+    run_dir = tmp_path_factory.mktemp("cnn-run") / "cnn"
+    result = train(DEMO, [f"data.shards={learn_shards}", f"run.dir={run_dir}", "optim.epochs=3"], processes=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir

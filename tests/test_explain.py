@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from shards.labels import COMPETITION5
-from tests.trainer_helpers import DEMO, DEMO_VIT, ROOT, train
+from tests.trainer_helpers import DEMO_VIT, ROOT
 from trainer.config import load_config
 from trainer.explain.__main__ import main
 from trainer.explain.cam_layers import cam_target
@@ -119,14 +119,6 @@ def test_pointing_game_and_energy() -> None:
 
 
 @pytest.fixture(scope="module")
-def trained_cnn(learn_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("explain") / "cnn"
-    result = train(DEMO, [f"data.shards={learn_shards}", f"run.dir={run_dir}", "optim.epochs=3"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
-
-
-@pytest.fixture(scope="module")
 def untrained_vit(learn_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ViT run directory exported without training: enough to compare side by side with rollout."""
     run_dir = tmp_path_factory.mktemp("explain") / "vit"
@@ -139,7 +131,7 @@ def untrained_vit(learn_shards: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.mark.slow
-def test_trained_cnn_points_at_the_lesion_and_writes_the_gallery(trained_cnn: Path, untrained_vit: Path,
+def test_trained_cnn_points_at_the_lesion_and_writes_the_gallery(cnn_run: Path, untrained_vit: Path,
                                                                  learn_shards: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     rolled_out: list[int] = []
@@ -151,7 +143,7 @@ def test_trained_cnn_points_at_the_lesion_and_writes_the_gallery(trained_cnn: Pa
 
     monkeypatch.setitem(METHODS, "rollout", dataclasses.replace(real, explain=counted))
     out = tmp_path / "explain"
-    code = main(["--run", str(trained_cnn), str(untrained_vit), "--shards", str(learn_shards),
+    code = main(["--run", str(cnn_run), str(untrained_vit), "--shards", str(learn_shards),
                  "--split", "test", "--n", "24", "--steps", "2", "--workers", "0", "--out", str(out),
                  "--no-progress"])
     assert code == 0
@@ -208,11 +200,11 @@ class Payload:
 
 
 @pytest.mark.slow
-def test_a_checkpoint_that_is_not_a_safe_tensor_file_is_refused(trained_cnn: Path, learn_shards: Path,
+def test_a_checkpoint_that_is_not_a_safe_tensor_file_is_refused(cnn_run: Path, learn_shards: Path,
                                                                 tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     run, marker = tmp_path / "run", tmp_path / "pickled-code-ran"
-    shutil.copytree(trained_cnn / "best", run / "best")
+    shutil.copytree(cnn_run / "best", run / "best")
     (run / "best" / "model.safetensors").write_bytes(pickle.dumps({"weights": Payload(marker)}))
     result = run_cli("--run", str(run), "--shards", str(learn_shards), "--out", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr[-2000:]

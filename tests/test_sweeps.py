@@ -94,7 +94,7 @@ def test_asha_stops_a_hopeless_trial_early(learn_shards: Path, tmp_path: Path) -
         search="grid",
         resources={"cpu": 1},
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
-        fixed={"optim.epochs": 3, "data.workers": 0, "run.log_every": 50},
+        fixed={"optim.epochs": 3, "data.workers": 0, "run.log_every": 50, "data.samples_per_epoch": 320},
         params={"optim.lr": {"grid": [3e-3, 2e-3, 1e-9, 1e-9]}},
     )
     result = run_sweep(space, tmp_path / "sweeps", "asha", f"data.shards={learn_shards}")
