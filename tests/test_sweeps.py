@@ -125,7 +125,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
         search="grid",
         scheduler={"type": "none"},
         resources={"cpu": 1},
-        fixed={"optim.epochs": 3, "data.workers": 0, "data.batch_size": 4, "run.log_every": 1},
+        fixed={"optim.epochs": 3, "data.workers": 0, "data.batch_size": 4, "run.log_every": 1,
+               "data.samples_per_epoch": 32},
         params={"optim.lr": {"grid": [1e-3, 2e-3, 3e-3, 4e-3]}},
     )
     storage = tmp_path / "sweeps"

@@ -85,7 +85,8 @@ def test_the_bar_is_real_shuffled_labels_and_an_untrained_model_fail(learn_sourc
     assert result.returncode == 0, result.stderr[-4000:]
     assert best_val(tmp_path / "shuffled") < 0.7
     result = train(DEMO, [f"data.shards={learn_shards}", f"run.dir={tmp_path / 'untrained'}",
-                          "optim.epochs=1", "optim.lr=1e-9", "run.test_at_end=false"])
+                          "optim.epochs=1", "optim.lr=1e-9", "data.samples_per_epoch=64",
+                          "run.test_at_end=false"])
     assert result.returncode == 0, result.stderr[-4000:]
     assert best_val(tmp_path / "untrained") < 0.7
 
