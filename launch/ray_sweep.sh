@@ -11,6 +11,8 @@
 #SBATCH --output=%x-%j.out
 #
 # A Ray Tune sweep across the allocation:   SPACE=sweeps/spaces/freeze_x_model.yaml sbatch --nodes=4 launch/ray_sweep.sh
+# A whole study (every cell x SEEDS seeds, tested, reported; python -m sweeps.study):
+#   SPACE=sweeps/spaces/study_chexpert.yaml SEEDS=3 EXTRA_ARGS="data.shards=..." sbatch --nodes=4 launch/ray_sweep.sh
 # Starts a Ray head on the first node and a Ray worker on every other node (srun, one task per
 # node), runs `python -m sweeps.run --address HEAD:PORT` on the head, and stops Ray on exit,
 # whatever the outcome. A requeued or resubmitted job with the same NAME resumes the sweep
@@ -21,6 +23,7 @@
 #   NAME           sweep name                                       [the space file's name]
 #   STORAGE        where sweeps live; must be on a shared file system [runs/sweeps]
 #   TRIALS         override the space's trial count                 [the space's]
+#   SEEDS          run a study instead (sweeps.study --seeds SEEDS), stored under runs/studies
 #   GPUS_PER_NODE  GPUs Ray may hand to trials per node [8]; 0 on a CPU allocation
 #   EXTRA_ARGS     trainer overrides for every trial, e.g. "data.shards=data/shards/chexpert"
 #   RAY_PORT       the head's GCS port                              [a free port on the head]
@@ -46,7 +49,9 @@ cxr_setup "$root"
 space="$(cxr_absolute "${SPACE:-$CXR_ROOT/sweeps/spaces/demo_cpu.yaml}")"
 [[ -f "$space" ]] || cxr_die "SPACE=$space: no such search space (see sweeps/spaces/)"
 name="${NAME:-$(basename "$space" .yaml)}"
-storage="$(cxr_absolute "${STORAGE:-runs/sweeps}")"
+kind=sweep
+[[ -n "${SEEDS:-}" ]] && kind=study
+storage="$(cxr_absolute "${STORAGE:-runs/${kind}s}")"
 gpus="${GPUS_PER_NODE:-8}"
 cpus="${SLURM_CPUS_PER_TASK:-$(nproc)}"
 ray="$(dirname "$CXR_PYTHON")/ray"
@@ -70,7 +75,7 @@ stop_ray() {
 }
 trap stop_ray EXIT
 
-echo "cxrbench: sweep $name ($space) on $SLURM_JOB_NODELIST; Ray head $head_ip:$port"
+echo "cxrbench: $kind $name ($space) on $SLURM_JOB_NODELIST; Ray head $head_ip:$port"
 srun --nodes=1 --ntasks=1 --relative=0 --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
     "$ray" start --head --block --node-ip-address="$head_ip" --port="$port" --num-cpus="$cpus" \
     --num-gpus="$gpus" --include-dashboard=false --object-store-memory="$store_bytes" &
@@ -88,10 +93,16 @@ if [[ "$workers" -gt 0 ]]; then
 fi
 
 args=(--space "$space" --address "$head_ip:$port" --name "$name" --storage "$storage")
-[[ -n "${TRIALS:-}" ]] && args+=(--trials "$TRIALS")
-[[ -f "$storage/$name/tuner.pkl" ]] && args+=(--resume) && echo "cxrbench: resuming sweep $storage/$name"
+if [[ "$kind" == study ]]; then
+    module=sweeps.study state=study.json
+    args+=(--seeds "$SEEDS")
+else
+    module=sweeps.run state=tuner.pkl
+    [[ -n "${TRIALS:-}" ]] && args+=(--trials "$TRIALS")
+fi
+[[ -f "$storage/$name/$state" ]] && args+=(--resume) && echo "cxrbench: resuming $kind $storage/$name"
 read -r -a extra <<<"${EXTRA_ARGS:-}"
 status=0
-"$CXR_PYTHON" -m sweeps.run "${args[@]}" "${extra[@]}" || status=$?
-echo "cxrbench: sweep exited $status; results in $storage/$name"
+"$CXR_PYTHON" -m "$module" "${args[@]}" "${extra[@]}" || status=$?
+echo "cxrbench: $kind exited $status; results in $storage/$name"
 exit "$status"

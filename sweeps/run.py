@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         space = load_space(args.space)
-        _apply_arguments(space, args)
+        apply_arguments(space, args)
         overrides = [f"{k}={json.dumps(v)}" for k, v in space.fixed.items()] + list(args.overrides)
         max_epochs = check_space(space, overrides)
         out = (args.storage / (args.name or args.space.stem)).resolve()
@@ -80,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return sweep(space, overrides, out, max_epochs, args)
 
 
-def _apply_arguments(space: SearchSpace, args: argparse.Namespace) -> None:
+def apply_arguments(space: SearchSpace, args: argparse.Namespace) -> None:
+    """The command line's --trials / --gpus-per-trial / --cpus-per-trial over the space's, and its
+    config files resolved (sweeps.study shares it)."""
     if args.trials is not None:
         if args.trials < 1:
             raise SpaceError(f"--trials: expected ≥ 1, got {args.trials}")
@@ -145,7 +147,7 @@ def sweep(
     import ray  # noqa: PLC0415 - heavy; after the space and configs are known to be good
     from ray import tune  # noqa: PLC0415
 
-    _init_ray(ray, args)
+    init_ray(ray, args)
     ranks = space.ranks or (int(space.gpu) if space.gpu > 1 else 1)
     setup = TrialSetup(
         base=space.base,
@@ -184,7 +186,8 @@ def sweep(
     return _write_outputs(out, space, times)
 
 
-def _init_ray(ray, args: argparse.Namespace) -> None:
+def init_ray(ray, args: argparse.Namespace) -> None:
+    """Ray for a sweep or a study: a fresh local cluster (`local`), or the one at `args.address`."""
     if args.address == "local":
         dashboard = (
             {"include_dashboard": True, "dashboard_host": "127.0.0.1"}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from shards.atomic import write_json
 from trainer import rundir
-from trainer.config import load_config
+from trainer.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTED = ("auroc_macro", "auroc_chexpert5", "accuracy", "f1", "sensitivity", "specificity", "loss")
@@ -65,6 +65,26 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     cfg = load_config(sampled_base or setup.base, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "trial.json", {"trial_id": context.get_trial_id(), "params": params})
+    _train(cfg, run_dir, setup)
+
+
+def run_cell(params: dict, setup: TrialSetup) -> None:
+    """One run of a study (sweeps.study): a named grid cell and seed, trained to the end, selected on
+    val and tested once; its run directory is `<runs>/<cell>-seed<k>/`, whichever Tune trial runs it."""
+    from ray import tune  # noqa: PLC0415
+
+    os.chdir(setup.cwd)
+    cell = params["cell"]
+    run_dir = Path(setup.trials_dir) / cell["run"]
+    overrides = [*setup.overrides, *cell["overrides"], f"run.seed={cell['seed']}", f"run.dir={run_dir}",
+                 "run.resume=auto", "run.test_at_end=true"]
+    cfg = load_config(cell["base"], overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "trial.json", {"trial_id": tune.get_context().get_trial_id(), "params": cell})
+    _train(cfg, run_dir, setup)
+
+
+def _train(cfg: Config, run_dir: Path, setup: TrialSetup) -> None:
     if setup.ranks > 1:
         _run_ranks(cfg, run_dir, setup)
         return

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.slurm_cluster import Job, LocalSlurm, missing_binaries
@@ -264,12 +265,14 @@ def test_scripts_are_shellcheck_clean() -> None:
     assert result.returncode == 0, result.stdout
 
 
-def test_ray_sweep_script_runs_a_sweep_and_stops_ray(
-    slurm: LocalSlurm, chexpert_shards: Path, tmp_path: Path
+@pytest.mark.parametrize("kind", ["sweep", "study"])
+def test_ray_sweep_script_runs_a_sweep_or_a_study_and_stops_ray(
+    slurm: LocalSlurm, chexpert_shards: Path, tmp_path: Path, kind: str
 ) -> None:
-    """launch/ray_sweep.sh on one node: a Ray head (srun step), the sweep driver against it, Ray
-    stopped at the end. (A second node's `ray start --address` needs a second host.)"""
-    storage = tmp_path / "sweeps"
+    """launch/ray_sweep.sh on one node: a Ray head (srun step), the sweep driver (or, with SEEDS,
+    the study driver) against it, Ray stopped at the end. (A second node's `ray start --address`
+    needs a second host.)"""
+    storage = tmp_path / "store"
     env = {
         "SPACE": str(ROOT / "sweeps" / "spaces" / "demo_cpu.yaml"),
         "NAME": "slurm",
@@ -279,12 +282,25 @@ def test_ray_sweep_script_runs_a_sweep_and_stops_ray(
         "CXR_VENV": str(Path(sys.executable).parents[1]),
         "EXTRA_ARGS": f"data.shards={chexpert_shards} data.batch_size=8 optim.epochs=1",
     }
+    if kind == "study":  # one cell, two seeds
+        space = tmp_path / "study.yaml"
+        space.write_text(yaml.safe_dump({"base": DEMO, "search": "grid", "scheduler": {"type": "none"},
+                                         "resources": {"cpu": 1}, "fixed": {"data.workers": 0},
+                                         "params": {"model.freeze": {"grid": ["full"]}}}))
+        env |= {"SPACE": str(space), "SEEDS": "2", "TRIALS": ""}
+        env["EXTRA_ARGS"] += " data.samples_per_epoch=32"
     job = slurm.sbatch(["--nodes=1", *CPU_ALLOCATION, str(LAUNCH / "ray_sweep.sh")], env=env, cwd=ROOT)
     info = slurm.wait(job, timeout=420)
     log = LocalSlurm.log(job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
-    rows = (storage / "slurm" / "results.csv").read_text().splitlines()
-    assert len(rows) == 3 and (storage / "slurm" / "best.yaml").is_file()
+    if kind == "sweep":
+        rows = (storage / "slurm" / "results.csv").read_text().splitlines()
+        assert len(rows) == 3 and (storage / "slurm" / "best.yaml").is_file()
+    else:
+        runs = sorted(p.name for p in (storage / "slurm" / "runs").iterdir())
+        assert runs == ["full-seed0", "full-seed1"] and all(records(storage / "slurm" / "runs" / r, "test")
+                                                            for r in runs)
+        assert (storage / "slurm" / "report" / "summary.json").is_file() and "finished full-seed1" in log
     address = re.search(r"Ray head (\S+)", log).group(1)  # this job's GCS address, in every Ray daemon's argv
 
     def ray_gone() -> bool:

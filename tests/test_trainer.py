@@ -282,6 +282,7 @@ def test_a_fresh_run_refuses_a_directory_holding_a_run(chexpert_shards: Path, tm
     ("model.freeze=bogus", "model.freeze: 'bogus' is not one of"),
     ("optim.lrate=0.1", "unknown config key optim.lrate"),
     ("model.name=resnet_9000", "model.name: 'resnet_9000' is not a timm model"),
+    ("model.name=resnet50.bogus_in1k", "no pretrained tag 'bogus_in1k' for resnet50 (it has: a1_in1k,"),
     ("data.shards=/nonexistent", "data.shards: /nonexistent/manifest.json not found"),
     ("optim.epochs=many", "optim.epochs: expected int"),
 ])

@@ -271,6 +271,12 @@ def check_environment(config: Config) -> None:
         close = timm.list_models(f"*{model.name.split('_')[0]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ConfigError(f"model.name: {model.name!r} is not a timm model{hint}")
+    if "." in model.name and model.name not in timm.list_pretrained(model.name):
+        arch = model.name.split(".", 1)[0]
+        tags = [name.split(".", 1)[1] for name in timm.list_pretrained(f"{arch}.*")]
+        raise ConfigError(f"model.name: {model.name!r}: timm has no pretrained tag "
+                          f"{model.name.split('.', 1)[1]!r} for {arch} (it has: "
+                          f"{', '.join(tags[:8]) + (', ...' if len(tags) > 8 else '') or 'none'})")
     if model.weights is not None and not Path(model.weights).is_file():
         raise ConfigError(f"model.weights: {model.weights} not found")
     _check_resume(run)

@@ -73,7 +73,8 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
         cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
         where = config.weights or f"the Hugging Face cache ({cache}) for timm/{config.name}"
         raise ConfigError(f"model.pretrained: no usable weights in {where} ({type(err).__name__}); set "
-                          "model.weights=FILE or fill the cache where there is internet") from None
+                          "model.weights=FILE or fill the cache where there is internet (python -m "
+                          "trainer.weights fetch --config CONFIG)") from None
 
 
 @contextlib.contextmanager

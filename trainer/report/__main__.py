@@ -16,7 +16,7 @@ from pathlib import Path
 from shards.atomic import write_json, write_text
 from trainer import rundir
 from trainer.config import Config
-from trainer.report import figures
+from trainer.report import figures, seeds
 from trainer.report.analysis import ANCHORS, Settings, compare, pairs, run_metrics
 from trainer.report.render import render_html, render_markdown
 from trainer.report.runs import RunData, find_runs, load_run, load_sweep
@@ -143,12 +143,16 @@ def build(
         path = figures.by_setting(points, key, f"{title} ({source})", xlabel, out, name, log_x)
         add(path, f"{title} ({source})", None if path else f"needs runs or sweep trials that vary {key}")
     compared = [compare(a, b, settings) for a, b in pairs(runs)]
+    groups = seeds.group_runs(runs)
+    by_name = {summary["name"]: summary for summary in summaries}
     return {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
         "primary_metric": primary,
         "resamples": settings.resamples,
         "runs": summaries,
         "pairs": compared,
+        "seed_groups": [seeds.describe(group, by_name, primary) for group in groups],
+        "seed_comparisons": [seeds.compare(a, b, primary, settings) for a, b in seeds.pairs(groups)],
         "sweeps": [{"path": str(s), "trials": len(load_sweep(s))} for s in sweeps],
         "figures": [f for f in figure_list if f["file"]],
         "missing_figures": [f for f in figure_list if not f["file"]],

@@ -62,6 +62,7 @@ def run_metrics(run: RunData, settings: Settings) -> dict:
         "name": run.name,
         "path": str(run.path),
         "model": run.model,
+        "pretrained": run.pretrained,
         "freeze": run.freeze,
         "family": run.family,
         "task": "binary" if run.binary else "multilabel",

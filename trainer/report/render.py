@@ -87,6 +87,8 @@ def render_markdown(summary: dict) -> str:
         if rows
         else ["(needs two runs on the same labels)", ""]
     )
+    if any(group["n_seeds"] > 1 for group in summary.get("seed_groups", [])):
+        lines += _replicates(summary["seed_groups"], summary["seed_comparisons"])
     lines += ["## Calibration and the val-chosen threshold on test", ""]
     rows = []
     for run in runs:
@@ -122,13 +124,78 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _replicates(groups: list[dict], comparisons: list[dict]) -> list[str]:
+    """Runs of one config over seeds (mean ± sd), and the groups compared over matched seeds."""
+    lines = [
+        "## Replicates (mean ± sd over seeds)",
+        "",
+        "Runs whose configs differ only in the seed (and where or how they ran) form a group; mean "
+        "and sample sd of each run's test point estimate (per label in summary.json).",
+        "",
+    ]
+    rows = [
+        [
+            g["name"],
+            g["model"],
+            g["pretrained"],
+            g["freeze"],
+            str(g["n_seeds"]),
+            g["headline"],
+            _mean_sd(g["metrics"][g["headline"]]),
+            ", ".join(
+                f"{seed}: {format_metric(value, '.3f')}"
+                for seed, value in zip(g["seeds"], g["metrics"][g["headline"]]["values"], strict=True)
+            ),
+        ]
+        for g in groups
+    ]
+    lines += _table(
+        ["group", "model", "pretrained", "freeze", "n seeds", "metric", "mean ± sd", "per seed"], rows
+    )
+    lines += [
+        "## CNN vs ViT over matched seeds",
+        "",
+        "Δ = second − first, the mean over the seeds both groups trained with of the per-seed "
+        "difference on the same test images. The interval and p come from a hierarchical bootstrap "
+        "(seeds, then patients), so they hold the seed-to-seed spread as well as the test patients; "
+        "with one matched seed it is the paired patient bootstrap.",
+        "",
+    ]
+    rows = [
+        [
+            c["a"],
+            c["b"],
+            ", ".join(map(str, c["seeds"])),
+            c["metric"],
+            f"{format_metric(c['delta'], '+.3f')} [{format_metric(c['ci_low'], '+.3f')}, "
+            f"{format_metric(c['ci_high'], '+.3f')}]",
+            _p(c["p_value"]),
+            c["test"],
+        ]
+        for c in comparisons
+    ]
+    lines += (
+        _table(["first", "second", "seeds", "metric", "Δ [95% CI]", "p", "test"], rows)
+        if rows
+        else ["(needs two groups on the same labels that share a seed)", ""]
+    )
+    return lines
+
+
+def _mean_sd(cell: dict) -> str:
+    if cell["mean"] is None:
+        return "n/a"
+    return f"{cell['mean']:.3f}" if cell["sd"] is None else f"{cell['mean']:.3f} ± {cell['sd']:.3f}"
+
+
 def _run_table(columns: list[str], metrics: list[str], runs: list[dict]) -> list[str]:
     """One row per run: who it is, each metric with its CI, then its cost."""
-    header = ["run", "model", "freeze", *columns, "trainable params", "train min", "img/s"]
+    header = ["run", "model", "pretrained", "freeze", *columns, "trainable params", "train min", "img/s"]
     rows = [
         [
             r["name"],
             r["model"],
+            r["pretrained"],
             r["freeze"],
             *(_ci(r["metrics"].get(m)) for m in metrics),
             _params(r["trainable_parameters"]),

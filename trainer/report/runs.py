@@ -39,6 +39,15 @@ class RunData:
         return self.config.model.freeze
 
     @property
+    def pretrained(self) -> str:
+        """The weights it started from: timm's pretrained tag (`vit_base_patch16_224.augreg_in21k`
+        → augreg_in21k), "default" (timm's default weights for an untagged name) or "none" (trained
+        from scratch). The same architecture from other weights is another model in a comparison."""
+        if not self.config.model.pretrained:
+            return "none"
+        return self.model.partition(".")[2] or "default"
+
+    @property
     def family(self) -> str:
         """The side of the CNN-vs-ViT question: "vit" for any transformer (ViT, DeiT, hybrid,
         Swin), else "cnn" (the structure the trainer recorded: see `architecture`)."""

@@ -1,5 +1,6 @@
 """The statistics a reviewer asks for: patient-level bootstrap CIs, paired comparisons of two
-models on the same test images (paired bootstrap and DeLong's test), calibration (ECE).
+models on the same test images (paired bootstrap and DeLong's test), the same comparison over
+several training seeds (hierarchical bootstrap), calibration (ECE).
 
 Bootstrap resamples *patients* (all of a patient's images together): images of one patient are
 correlated, and resampling images would make the intervals too narrow. AUROC is the rank
@@ -11,7 +12,7 @@ checked against the paired bootstrap in the tests.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,10 @@ from scipy import stats
 
 Metric = Callable[[np.ndarray], float]
 """A statistic of a resample, given the row indices of the resample."""
+
+WeightedMetric = Callable[[np.ndarray], np.ndarray]
+"""A statistic of many resamples at once, given each row's multiplicity in each resample as a
+(resamples × rows) array; one value per resample."""
 
 
 @dataclass(frozen=True)
@@ -86,17 +91,71 @@ def paired_bootstrap(
     for _ in range(n):
         sample = _resample(groups, rng)
         draws.append(stat_b(sample) - stat_a(sample))
-    diffs = np.array(draws)
-    diffs = diffs[np.isfinite(diffs)]
+    return _paired(delta, np.array(draws), n)
+
+
+def _paired(delta: float, draws: np.ndarray, n: int, level: float = 0.95) -> PairedResult:
+    """Percentile interval of the resampled differences (undefined ones skipped) and the two-sided
+    p-value: twice the share of resamples on the far side of 0 (1 when every difference is 0)."""
+    diffs = draws[np.isfinite(draws)]
     if not math.isfinite(delta) or len(diffs) < max(10, n // 10):
         return PairedResult(delta, math.nan, math.nan, math.nan, len(diffs))
-    low, high = np.percentile(diffs, [2.5, 97.5])
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(diffs, [tail, 100 - tail])
     if np.all(diffs == 0):
         p_value = 1.0
     else:
         below, above = np.mean(diffs <= 0), np.mean(diffs >= 0)
         p_value = float(min(1.0, 2 * min(below, above)))
     return PairedResult(float(delta), float(low), float(high), p_value, len(diffs))
+
+
+@dataclass(frozen=True)
+class HierarchicalResult(PairedResult):
+    per_seed: tuple[float, ...] = ()
+    """statistic(b) − statistic(a) of each seed on all rows; `delta` is their mean."""
+
+
+def hierarchical_bootstrap(
+    stats_a: Sequence[WeightedMetric],
+    stats_b: Sequence[WeightedMetric],
+    patients: np.ndarray,
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    chunk: int = 128,
+) -> HierarchicalResult:
+    """b − a averaged over training seeds (stats_a[k], stats_b[k]: the two models trained with the
+    k-th matched seed, scored on the same rows), with an interval that holds both sources of
+    variation: each resample draws the seeds with replacement, then the patients with replacement
+    (one draw shared by every seed: all seeds were tested on the same patients), and takes the mean
+    over the drawn seeds of b − a on the drawn patients. A paired patient bootstrap of one seed
+    treats that seed's models as the only ones there are; seeds that disagree widen this interval.
+
+    With one seed it is `paired_bootstrap` (the same patient draws for the same `seed`): seed
+    variability cannot be estimated from one seed, and the interval then holds patients only.
+    Every statistic sees all patient resamples at once (`chunk` of them at a time, to bound the
+    memory: chunk × rows weights), which is what keeps a study of many seeds fast."""
+    if len(stats_a) != len(stats_b) or not stats_a:
+        raise ValueError(f"need the same number (≥ 1) of a and b statistics, got {len(stats_a)} and "
+                         f"{len(stats_b)}")
+    full = np.ones((1, len(patients)))
+    per_seed = np.array([b(full)[0] - a(full)[0] for a, b in zip(stats_a, stats_b, strict=True)])
+    _, patient = np.unique(patients, return_inverse=True)  # patient_groups' order
+    count = patient.max() + 1
+    rng = np.random.default_rng(seed)  # the patient draws: paired_bootstrap's stream
+    counts = np.stack([np.bincount(rng.integers(0, count, count), minlength=count) for _ in range(n)])
+    differences = np.concatenate(  # seed × patient resample
+        [
+            np.stack([b(weights) - a(weights) for a, b in zip(stats_a, stats_b, strict=True)])
+            for weights in (counts[i : i + chunk, patient].astype(float) for i in range(0, n, chunk))
+        ],
+        axis=1,
+    )
+    picks = np.random.default_rng([seed, 1]).integers(0, len(stats_a), (n, len(stats_a)))
+    draws = differences[picks, np.arange(n)[:, None]].mean(axis=1)
+    result = _paired(float(np.mean(per_seed)), draws, n, level)
+    return HierarchicalResult(**vars(result), per_seed=tuple(float(d) for d in per_seed))
 
 
 # --- DeLong ------------------------------------------------------------------------------------
@@ -170,6 +229,38 @@ def auroc(targets: np.ndarray, probs: np.ndarray, masks: np.ndarray | None = Non
         return math.nan
     ranks = stats.rankdata(p)
     return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def weighted_auroc(targets: np.ndarray, probs: np.ndarray, masks: np.ndarray | None = None) -> WeightedMetric:
+    """`auroc` of many resamples at once, each given as every row's multiplicity in it (ties count
+    half, as there; equal to `auroc` on the repeated rows, tested). The rows are sorted once; a
+    resample costs a few array passes instead of a ranking."""
+    keep = np.flatnonzero(np.ones(len(targets), bool) if masks is None else masks > 0)
+    order = keep[np.argsort(probs[keep], kind="stable")]
+    positive = targets[order] > 0.5
+    _, starts = np.unique(probs[order], return_index=True)  # the first row of each tied score
+
+    def statistic(weights: np.ndarray) -> np.ndarray:
+        if not len(order):
+            return np.full(len(weights), math.nan)
+        w = weights[:, order]
+        pos = np.add.reduceat(w * positive, starts, axis=1)
+        neg = np.add.reduceat(w, starts, axis=1) - pos
+        below = np.cumsum(neg, axis=1) - neg  # negatives scored lower than each tied score
+        pairs = pos.sum(axis=1) * neg.sum(axis=1)
+        wins = (pos * (below + neg / 2)).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(pairs > 0, wins / pairs, math.nan)
+
+    return statistic
+
+
+def weighted_macro_auroc(
+    targets: np.ndarray, probs: np.ndarray, masks: np.ndarray, columns: list[int]
+) -> WeightedMetric:
+    """`macro_auroc` of many resamples at once (NaN where a column is undefined, as there)."""
+    per_label = [weighted_auroc(targets[:, c], probs[:, c], masks[:, c]) for c in columns]
+    return lambda weights: np.mean([statistic(weights) for statistic in per_label], axis=0)
 
 
 def macro_auroc(targets: np.ndarray, probs: np.ndarray, masks: np.ndarray, columns: list[int]) -> float:
