@@ -181,6 +181,8 @@ class Progress:
         self.state = {c.run_name: "finished" if c in done else "waiting" for c in plan}
         self.started: dict[str, float] = {}
         self.seconds: list[float] = []
+        self.parallel = 1
+        """The most runs seen at once: how many the cluster fits side by side."""
         self.runs: dict[str, dict] = {c.run_name: _scores(out / "runs" / c.run_name) for c in done}
 
     def callback(self):
@@ -203,6 +205,7 @@ class Progress:
     def start(self, run: str) -> None:
         self.state[run] = "running"
         self.started[run] = time.monotonic()
+        self.parallel = max(self.parallel, self.counts()["running"])
         self.write()
 
     def end(self, run: str, state: str) -> None:
@@ -225,12 +228,13 @@ class Progress:
         return {name: states.count(name) for name in ("finished", "running", "waiting", "failed")}
 
     def eta(self) -> float | None:
-        """Seconds left: the mean run time so far × the runs still to finish, over the runs at once."""
+        """Seconds left: the mean run time so far × the runs still to finish, over the most runs
+        seen at once."""
         if not self.seconds:
             return None
         counts = self.counts()
-        parallel = max(1, counts["running"] + (1 if counts["waiting"] else 0))
-        return sum(self.seconds) / len(self.seconds) * (counts["running"] + counts["waiting"]) / parallel
+        left = counts["running"] + counts["waiting"]
+        return sum(self.seconds) / len(self.seconds) * left / max(1, min(self.parallel, left))
 
     def write(self) -> None:
         write_json(self.out / STATUS, {
