@@ -64,13 +64,13 @@ def cells(space: SearchSpace, seeds: int) -> list[Cell]:
 
 
 def cell_name(point: dict) -> str:
-    """Readable and unique: config files by their stem, model names and strategies as they are,
+    """Readable and unique: config files by their stem, model names, strategies and optimizers as they are,
     other settings as `<last key part><value>` (optim.lr=0.001 → lr0.001)."""
     parts = []
     for key, value in point.items():
         if key == CONFIG_PARAM:
             parts.append(Path(str(value)).stem)
-        elif key in ("model.name", "model.freeze"):
+        elif key in ("model.name", "model.freeze", "optim.name"):
             parts.append(str(value))
         else:
             parts.append(f"{key.rsplit('.', 1)[-1]}{value}")

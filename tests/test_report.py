@@ -247,3 +247,27 @@ def test_sweep_by_name_or_path_and_a_missing_one(run_folder: Path, tmp_path: Pat
     assert summary["sweeps"] == [{"path": str(sweep.resolve()), "trials": 2}]
     bad = report("--runs", str(runs), "--sweep", "nope", "--out", str(tmp_path / "out2"))
     assert bad.returncode == 2 and bad.stderr.startswith("error: --sweep nope: no sweep there")
+
+
+def test_optimizer_tradeoff_draws_each_models_best_run_per_optimizer(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from trainer.report.figures import best_per_optimizer, optimizer_tradeoff
+
+    def curve(model: str, optimizer: str, values: list[float], timed: bool = True) -> dict:
+        return {"model": model, "optimizer": optimizer, "label": f"{model} {optimizer} {values}",
+                "epochs": list(range(1, len(values) + 1)), "values": values,
+                "minutes": [0.5 * (i + 1) if timed else None for i in range(len(values))]}
+
+    one = [curve("resnet", "adamw", [0.6, 0.7]), curve("resnet", "adamw", [0.65, 0.8])]
+    assert best_per_optimizer(one) == {} and optimizer_tradeoff(one, "auroc_macro", tmp_path) is None
+    curves = [*one, curve("resnet", "sgd", [0.5, 0.9], timed=False), curve("vit", "sgd", [0.5, 0.55]),
+              curve("vit", "lion", [0.7]), curve("deit", "lamb", [0.7])]
+    chosen = best_per_optimizer(curves)
+    assert list(chosen) == ["resnet", "vit"], "deit met one optimizer only"
+    assert chosen["resnet"]["adamw"]["values"] == [0.65, 0.8], "the better adamw run"
+    assert set(chosen["vit"]) == {"sgd", "lion"}
+    path = optimizer_tradeoff(curves, "auroc_macro", tmp_path)
+    assert path is not None and path.name == "optimizer_tradeoff.png"
+    width, height = Image.open(path).size
+    assert height > 1.5 * width / 11 * 3.6, "one row of two panels per model: two rows"

@@ -22,6 +22,7 @@ from trainer.config import Config, ConfigError
 from trainer.data import build_streams, run_labels
 from trainer.distributed import compile_prepared, uses_deepspeed, zero_stage
 from trainer.models import build_model, plan_parameters, to_memory_format
+from trainer.optimizers import build_optimizer
 from trainer.preemption import StopRequest
 from trainer.tracking import Tracker
 
@@ -76,7 +77,7 @@ def setup(cfg: Config, accelerator: Accelerator) -> Run:
     # DeepSpeed flattens parameters into buffers: it needs them contiguous, not channels_last.
     to_memory_format(model, cfg.model.channels_last and not uses_deepspeed(accelerator))
     train, val, test = build_streams(cfg, model, accelerator)
-    optimizer = torch.optim.AdamW(plan.groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    optimizer = build_optimizer(plan.groups, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     input_dtype = match_deepspeed_dtype(model, accelerator)
     model = compile_prepared(model, accelerator, cfg.model.compile)

@@ -72,9 +72,15 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    name: Literal["adamw", "sgd", "lamb", "lion"] = "adamw"
+    """Built by timm's optimizer factory (trainer/optimizers.py); sgd is Nesterov momentum."""
+    lr: float | None = None
+    """Peak learning rate; unset, the optimizer's own starting point (optimizers.DEFAULT_LR)."""
     weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] | None = None
+    """adamw, lamb, lion; unset, the optimizer's own ((0.9, 0.999); lion (0.9, 0.99))."""
+    momentum: float = 0.9
+    """sgd."""
     epochs: int = 3
     warmup_epochs: float = 0.5
     min_lr_ratio: float = 0.01
@@ -249,6 +255,12 @@ def validate(config: Config) -> None:
         raise ConfigError("data.workers and run.checkpoint_every must be ≥ 0")
     if not 0 < data.patient_fraction <= 1:
         raise ConfigError(f"data.patient_fraction: expected 0 < f ≤ 1, got {data.patient_fraction}")
+    if optim.lr is None:  # resolved here, so config.yaml records the lr a run used
+        from trainer.optimizers import DEFAULT_LR  # noqa: PLC0415
+
+        optim.lr = DEFAULT_LR[optim.name]
+    if optim.betas is not None and (len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas)):
+        raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {optim.betas}")
     if optim.lr <= 0 or optim.weight_decay < 0 or not 0 < model.layer_decay <= 1:
         raise ConfigError("optim.lr must be > 0, optim.weight_decay ≥ 0, model.layer_decay in (0, 1]")
     if optim.ema is not None and not 0 < optim.ema < 1:

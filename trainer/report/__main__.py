@@ -142,6 +142,9 @@ def build(
     ):
         path = figures.by_setting(points, key, f"{title} ({source})", xlabel, out, name, log_x)
         add(path, f"{title} ({source})", None if path else f"needs runs or sweep trials that vary {key}")
+    path = figures.optimizer_tradeoff(_optimizer_curves(runs, sweeps, val_metric), val_metric, out)
+    add(path, "Optimizer trade-off: val metric vs training time and per epoch, best run per optimizer",
+        None if path else "needs runs or sweep trials that vary optim.name on one model")
     compared = [compare(a, b, settings) for a, b in pairs(runs)]
     groups = seeds.group_runs(runs)
     by_name = {summary["name"]: summary for summary in summaries}
@@ -184,6 +187,29 @@ def _points(runs: list[RunData], summaries: list[dict], sweeps: list[Path], prim
     return points, f"runs, test {primary}"
 
 
+def _optimizer_curves(runs: list[RunData], sweeps: list[Path], metric: str) -> list[dict]:
+    """Val curves of every run and sweep trial, with the optimizer and lr that trained them."""
+    sources = [(run.config, run.records, run.name) for run in runs]
+    for sweep in sweeps:
+        for row in load_sweep(sweep):
+            trial = Path(row.get("run_dir", ""))
+            try:
+                config, records = rundir.read_config(trial), rundir.read_records(trial, tolerant=True)
+                sources.append((config, records, trial.name))
+            except RunDirError:
+                continue  # a trial without a readable config or records: nothing to draw
+    curves = []
+    for config, records, name in sources:
+        val = [r for r in records if r.get("split") == "val" and isinstance(r.get(metric), int | float)]
+        minutes = [r["train_seconds"] / 60 if isinstance(r.get("train_seconds"), int | float) else None
+                   for r in val]
+        curves.append({"model": config.model.name, "optimizer": config.optim.name,
+                       "label": f"{config.optim.name} lr {config.optim.lr:g} ({name})",
+                       "epochs": [r["epoch"] + 1 for r in val], "minutes": minutes,
+                       "values": [r[metric] for r in val]})
+    return curves
+
+
 def _point(config: Config, value: float | None, metric: str) -> dict:
     return {
         "model": config.model.name,
@@ -193,6 +219,7 @@ def _point(config: Config, value: float | None, metric: str) -> dict:
         "fraction": config.data.patient_fraction,
         "augment": config.data.augment,
         "lr": config.optim.lr,
+        "optimizer": config.optim.name,
     }
 
 

@@ -63,6 +63,7 @@ def run_metrics(run: RunData, settings: Settings) -> dict:
         "path": str(run.path),
         "model": run.model,
         "pretrained": run.pretrained,
+        "optimizer": run.config.optim.name,
         "freeze": run.freeze,
         "family": run.family,
         "task": "binary" if run.binary else "multilabel",

@@ -179,3 +179,36 @@ def by_setting(
     ax.set(title=title, xlabel=xlabel, ylabel=points[0].get("metric", "metric"))
     ax.legend(fontsize=7)
     return _save(fig, out / name)
+
+
+def best_per_optimizer(curves: list[dict]) -> dict[str, dict[str, dict]]:
+    """model → optimizer → its best curve (by best val value), for models trained with two
+    optimizers or more. `curves` items: {model, optimizer, label, epochs, minutes, values}."""
+    by_model: dict[str, dict[str, dict]] = {}
+    for curve in curves:
+        if not curve["values"]:
+            continue
+        best = by_model.setdefault(curve["model"], {}).get(curve["optimizer"])
+        if best is None or max(curve["values"]) > max(best["values"]):
+            by_model[curve["model"]][curve["optimizer"]] = curve
+    return {model: found for model, found in sorted(by_model.items()) if len(found) >= 2}
+
+
+def optimizer_tradeoff(curves: list[dict], metric: str, out: Path) -> Path | None:
+    """Per model, the val metric against training time and against epochs, one line per optimizer
+    (its best run): the optimizer trade-off. None unless some model met two optimizers."""
+    chosen = best_per_optimizer(curves)
+    if not chosen:
+        return None
+    fig, axes = plt.subplots(len(chosen), 2, figsize=(11, 3.6 * len(chosen)), squeeze=False)
+    for row, (model, optimizers) in zip(axes, chosen.items(), strict=True):
+        for _, curve in sorted(optimizers.items()):
+            pairs = zip(curve["minutes"], curve["values"], strict=True)
+            timed = [(minutes, value) for minutes, value in pairs if minutes is not None]
+            if timed:
+                row[0].plot(*zip(*timed, strict=True), marker="o", label=curve["label"])
+            row[1].plot(curve["epochs"], curve["values"], marker="o", label=curve["label"])
+        row[0].set(title=f"{model}: val {metric} vs training time", xlabel="training minutes", ylabel=metric)
+        row[1].set(title=f"{model}: val {metric} per epoch", xlabel="epoch", ylabel=metric)
+        row[1].legend(fontsize=7)
+    return _save(fig, out / "optimizer_tradeoff.png")

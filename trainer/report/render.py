@@ -190,13 +190,15 @@ def _mean_sd(cell: dict) -> str:
 
 def _run_table(columns: list[str], metrics: list[str], runs: list[dict]) -> list[str]:
     """One row per run: who it is, each metric with its CI, then its cost."""
-    header = ["run", "model", "pretrained", "freeze", *columns, "trainable params", "train min", "img/s"]
+    header = ["run", "model", "pretrained", "freeze", "optimizer", *columns, "trainable params", "train min",
+              "img/s"]
     rows = [
         [
             r["name"],
             r["model"],
             r["pretrained"],
             r["freeze"],
+            r.get("optimizer", "adamw"),
             *(_ci(r["metrics"].get(m)) for m in metrics),
             _params(r["trainable_parameters"]),
             _minutes(r["train_seconds"]),
