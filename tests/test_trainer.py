@@ -201,8 +201,16 @@ def test_freeze_strategies_train_exactly_the_intended_parameters(
         assert not same(early, after, name), f"{strategy}: {name} did not train after step 2"
         assert name.startswith("fc.") or not same(before, after, name), f"{strategy}: {name} unchanged"
 
-    optimizer = torch.load(first / "optimizer.bin", weights_only=True)
-    assert len(optimizer["state"]) == len(trainable), "frozen parameters must get no optimizer state"
+    saved = torch.load(first / "optimizer.bin", weights_only=True)
+    assert len(saved["state"]) == len(trainable), "frozen parameters must get no optimizer state"
+    # The optimizer asked for, by what its algorithm keeps: AdamW both moments and a step count,
+    # Nesterov SGD a momentum buffer, LAMB both moments (its step lives in the group, with its
+    # trust-ratio clipping), Lion a single moment.
+    state = {"adamw": {"exp_avg", "exp_avg_sq", "step"}, "sgd": {"momentum_buffer"},
+             "lamb": {"exp_avg", "exp_avg_sq"}, "lion": {"exp_avg"}}[optimizer]
+    assert all(set(kept) == state for kept in saved["state"].values()), saved["state"][0].keys()
+    group = saved["param_groups"][0]
+    assert {"sgd": group.get("nesterov") is True, "lamb": "trust_clip" in group}.get(optimizer, True)
 
 
 def assert_same_evaluations(resumed: Path, straight: Path) -> None:
