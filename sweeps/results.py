@@ -131,17 +131,26 @@ def write_tables(rows: list[TrialRow], out: Path, metric: str, times: dict[str, 
     write_text(out / "results.md", "\n".join(lines) + "\n")
 
 
-def write_best(rows: list[TrialRow], out: Path, name: str) -> Path | None:
-    """The best trial's resolved config as a ready trainer YAML (fresh run dir, no resume)."""
+def write_best(rows: list[TrialRow], out: Path, name: str, search: str = "") -> Path | None:
+    """The best trial's resolved config as a ready trainer YAML (fresh run dir, no resume), with the
+    trial's global batch pinned (`data.global_batch`): on 8 GPUs it trains with the batch, steps and
+    effective lr the trial had on one. `run.tuning` records the search it came from."""
     for row in rows:
         if row.best is None or not (row.run_dir / rundir.CONFIG).is_file():
             continue
-        fresh = [f"run.dir=runs/{name}-best", "run.resume=never", "run.test_at_end=true"]
+        tuning = {"trials": len(rows), "search": search, "sweep": name, "trial": row.trial}
+        fresh = [f"run.dir=runs/{name}-best", "run.resume=never", "run.test_at_end=true",
+                 f"run.tuning={json.dumps(tuning)}"]
+        trained = rundir.read_resolved(row.run_dir).get("global_batch")
+        if trained:
+            fresh.append(f"data.global_batch={int(trained)}")
         cfg = rundir.read_config(row.run_dir, fresh, environment=True)
-        text = (
-            f"# Best trial of sweep {name}: {row.trial}, val {row.best:.4f}.\n"
-            f"# Train it in full: python trainer/run.py --config {out / 'best.yaml'}\n"
-        )
+        text = (f"# Best trial of sweep {name}: {row.trial}, val {row.best:.4f}.\n"
+                f"# Train it in full: python trainer/run.py --config {out / 'best.yaml'}\n")
+        if trained:
+            text += (f"# data.global_batch keeps the trial's {trained} images per step on any number\n"
+                     "# of GPUs (and with it the steps and the effective lr); remove it to scale\n"
+                     "# by optim.lr_scaling instead.\n")
         write_text(out / "best.yaml", text + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return out / "best.yaml"
     return None

@@ -187,7 +187,10 @@ def sweep(
 
 
 def init_ray(ray, args: argparse.Namespace) -> None:
-    """Ray for a sweep or a study: a fresh local cluster (`local`), or the one at `args.address`."""
+    """Ray for a sweep or a study: a fresh local cluster (`local`), or the one at `args.address`
+    (once per process: a study's tuning searches and its grid share it)."""
+    if ray.is_initialized():
+        return
     if args.address == "local":
         dashboard = (
             {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
@@ -243,7 +246,7 @@ def _write_outputs(out: Path, space: SearchSpace, times: dict[str, float]) -> in
 
     rows = collect(out / "trials", space.metric)
     write_tables(rows, out, space.metric, times)
-    best = write_best(rows, out, out.name)
+    best = write_best(rows, out, out.name, space.search)
     stopped = sum(r.status == "stopped early" for r in rows)
     print(
         f"sweep {out.name}: {len(rows)} trials, {stopped} stopped early by ASHA; table {out / 'results.md'}"

@@ -31,7 +31,9 @@ from trainer.config import METRICS, Config
 
 KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 SCHEDULERS = ("asha", "none")
-TOP_KEYS = {"base", "metric", "search", "trials", "scheduler", "resources", "fixed", "params", "description"}
+TOP_KEYS = {"base", "metric", "search", "trials", "scheduler", "resources", "fixed", "params", "description",
+            "tune"}
+TUNE_KEYS = {"per", "trials", "search", "fixed", "params"}
 DEFAULT_SCHEDULER = {"type": "asha", "grace_period": 1, "reduction_factor": 2}
 CONFIG_PARAM = "config"
 """The special parameter whose values are base config files (a choice of model presets)."""
@@ -66,6 +68,8 @@ class SearchSpace:
     """Processes per trial; 0 = one per GPU when gpu > 1, else one (in the Tune worker)."""
     fixed: dict[str, Any] = field(default_factory=dict)
     params: list[Param] = field(default_factory=list)
+    tune: TuneSpec | None = None
+    """sweeps.study only: the equal-budget search that picks each architecture's hyperparameters."""
 
     def tune_space(self) -> dict:
         """The Ray Tune param_space (OptunaSearch converts these domains itself)."""
@@ -82,6 +86,28 @@ class SearchSpace:
                 "grid": lambda p=param: tune.grid_search(list(p.values)),
             }[param.kind]()
         return space
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """A study's tuning stage (sweeps.study): one search per value of the `per` grid params (by
+    default the architecture), each with the same trials, search, fixed settings and params, on val
+    only; the grid then runs with each search's winning values.
+
+        tune:
+          per: [config]             # grid params that define "an architecture" [config, else model.name]
+          trials: 8                 # the same number for every search
+          search: optuna            # optuna (TPE, the same sampler seed for every search) or grid
+          fixed: {optim.epochs: 2}  # settings of the search trials only (e.g. shorter)
+          params:
+            optim.lr: {loguniform: [1.0e-5, 1.0e-3]}
+    """
+
+    per: tuple[str, ...]
+    trials: int
+    search: str
+    fixed: dict[str, Any]
+    params: tuple[Param, ...]
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -122,7 +148,42 @@ def load_space(path: str | Path) -> SearchSpace:
         raise SpaceError(f"{path}: a grid param needs search: grid (optuna samples choice/loguniform/...)")
     if space.base is None and not any(p.key == CONFIG_PARAM for p in space.params):
         raise SpaceError(f"{path}: base: missing (a trainer config YAML), or give params.config")
+    if "tune" in raw:
+        space.tune = _tune(path, raw["tune"], space)
     return space
+
+
+def _tune(path: Path, raw: object, space: SearchSpace) -> TuneSpec:
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: tune: expected a mapping with per, trials, search, fixed, params")
+    if unknown := sorted(set(raw) - TUNE_KEYS):
+        allowed = ", ".join(sorted(TUNE_KEYS))
+        raise SpaceError(f"{path}: tune: unknown key {unknown[0]!r} (expected one of: {allowed})")
+    grid = [p.key for p in space.params]
+    default = [CONFIG_PARAM] if CONFIG_PARAM in grid else [k for k in grid if k == "model.name"]
+    per = raw.get("per", default)
+    if not isinstance(per, list) or not per or any(key not in grid for key in per):
+        raise SpaceError(f"{path}: tune.per: expected a list of the grid's params ({', '.join(grid)}), "
+                         f"got {per!r}")
+    search = _one_of(path, "tune.search", raw.get("search", "optuna"), ("optuna", "grid"))
+    trials = _positive_int(path, "tune.trials", raw.get("trials", 1 if search == "grid" else 8))
+    fixed = raw.get("fixed", {}) or {}
+    if not isinstance(fixed, dict):
+        raise SpaceError(f"{path}: tune.fixed: expected a mapping of config keys to values")
+    for key in fixed:
+        _check_key(path, f"tune.fixed.{key}", key)
+    params = raw.get("params") or {}
+    if not isinstance(params, dict) or not params:
+        raise SpaceError(f"{path}: tune.params: expected a mapping of config keys to {{kind: values}}")
+    tuned = tuple(_param(path, key, spec) for key, spec in params.items())
+    for param in tuned:
+        if param.key == CONFIG_PARAM or param.key in grid:
+            raise SpaceError(f"{path}: tune.params.{param.key}: already a grid param (tune what the grid "
+                             "does not vary)")
+        if (search == "grid") != (param.kind == "grid"):
+            raise SpaceError(f"{path}: tune.params.{param.key}: tune.search {search} takes "
+                             f"{'grid' if search == 'grid' else 'choice/loguniform/uniform/randint'} params")
+    return TuneSpec(tuple(per), trials, search, dict(fixed), tuned)
 
 
 def _resources(path: Path, resources: object, space: SearchSpace) -> tuple[float, float, int]:

@@ -27,13 +27,13 @@ from pathlib import Path
 
 from shards.atomic import write_json
 from shards.errors import DataError
-from sweeps import study_plan
+from sweeps import study_plan, study_tuning
 from sweeps.run import apply_arguments, check_space, init_ray
 from sweeps.space import SearchSpace, SpaceError, load_space
 from sweeps.study_plan import Cell
 from sweeps.trial import TrialSetup, run_cell
 from trainer import rundir
-from trainer.config import ConfigError
+from trainer.config import ConfigError, load_config
 from trainer.metrics import format_metric
 
 PLAN = "study.json"
@@ -75,22 +75,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "ignored: every cell of the grid runs to completion")
         overrides = [f"{k}={json.dumps(v)}" for k, v in space.fixed.items()] + list(args.overrides)
         check_space(space, overrides)
+        if space.tune is not None:
+            study_tuning.check(space, overrides)
         plan = study_plan.cells(space, args.seeds)
         out = (args.storage / (args.name or args.space.stem)).resolve()
         configs = [study_plan.cell_config(c, overrides, out / "runs" / c.run_name) for c in plan]
         if args.dry_run:
-            return dry_run(plan, configs)
-        check_storage(out, plan, overrides, args.resume)
+            return dry_run(space, plan, configs, overrides)
+        check_storage(out, plan, overrides, args.resume, space)
     except (SpaceError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return run_study(space, plan, overrides, out, args)
 
 
-def dry_run(plan: list[Cell], configs: list) -> int:
+def dry_run(space: SearchSpace, plan: list[Cell], configs: list, overrides: list[str]) -> int:
     table = study_plan.load_throughput()
     lines, hours, unknown = study_plan.estimate(plan, configs, table)
-    print(f"study: {len(plan)} runs")
+    tuned = ""
+    if space.tune is not None:
+        hours += _dry_run_tuning(space, overrides, table)
+        tuned = ", each with its search's winning values"
+    print(f"study: {len(plan)} runs{tuned}")
     for line in lines:
         print(f"  {line}")
     print(f"compute: ~{hours:.2f} H100-hours ({hours * 60:.0f} H100-minutes) in all (throughput from "
@@ -101,10 +107,32 @@ def dry_run(plan: list[Cell], configs: list) -> int:
     return 0
 
 
-def check_storage(out: Path, plan: list[Cell], overrides: list[str], resume: bool) -> None:
+def _dry_run_tuning(space: SearchSpace, overrides: list[str], table: dict) -> float:
+    """Print the tuning stage's searches; their H100-hours (each trial costed as its config)."""
+    tune = space.tune
+    assert tune is not None
+    hours = 0.0
+    print(f"tuning: {len(study_tuning.searches(space))} searches × {tune.trials} trials ({tune.search}, "
+          f"no early stopping, val only) over {', '.join(p.key for p in tune.params)}")
+    for search in study_tuning.searches(space):
+        cfg = load_config(search.base, [*overrides, *search.overrides])
+        seconds = study_plan.gpu_seconds(cfg, table)
+        spent = None if seconds is None else seconds * tune.trials / float(table["h100_speedup"])
+        hours += (spent or 0.0) / 3600
+        minutes = "?" if spent is None else f"{spent / 60:.1f}"
+        print(f"  tuning {search.name}: {tune.trials} trials × {cfg.optim.epochs} epochs, "
+              f"~{minutes} H100-minutes")
+    return hours
+
+
+def check_storage(out: Path, plan: list[Cell], overrides: list[str], resume: bool,
+                  space: SearchSpace | None = None) -> None:
     """A study is started once and continued with --resume, always with the same runs."""
     record = {"runs": [c.run_name for c in plan], "overrides": overrides,
               "cells": {c.run_name: [c.base, *c.overrides] for c in plan}}
+    if space is not None and space.tune is not None:
+        record["tuning"] = {"searches": [s.name for s in study_tuning.searches(space)],
+                            "trials": space.tune.trials, "params": [p.key for p in space.tune.params]}
     path = out / PLAN
     if not resume:
         if path.exists():
@@ -129,8 +157,15 @@ def run_study(space: SearchSpace, plan: list[Cell], overrides: list[str], out: P
     progress = Progress(out, plan, [c for c in plan if c not in todo])
     print(f"study {out.name}: {len(plan)} runs, {len(plan) - len(todo)} already finished, {len(todo)} to run")
     failed: list[str] = []
+    extra: dict[str, list[str]] = {}
+    if space.tune is not None and todo:
+        import ray  # noqa: PLC0415 - heavy; only when something runs
+
+        init_ray(ray, args)
+        winners = study_tuning.run_searches(space, overrides, out, args)
+        extra = {c.run_name: study_tuning.cell_overrides(c, space, winners) for c in todo}
     if todo:
-        failed = _tune(space, todo, overrides, out, args, progress)
+        failed = _tune(space, todo, overrides, out, args, progress, extra)
     progress.write()
     from trainer.report.__main__ import main as report  # noqa: PLC0415
 
@@ -143,7 +178,7 @@ def run_study(space: SearchSpace, plan: list[Cell], overrides: list[str], out: P
 
 
 def _tune(space: SearchSpace, todo: list[Cell], overrides: list[str], out: Path, args: argparse.Namespace,
-          progress: Progress) -> list[str]:
+          progress: Progress, extra: dict[str, list[str]]) -> list[str]:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray  # noqa: PLC0415 - heavy; after the space and configs are known to be good
@@ -155,8 +190,8 @@ def _tune(space: SearchSpace, todo: list[Cell], overrides: list[str], out: Path,
                        metric=space.metric, cwd=str(Path.cwd()), ranks=ranks, cpus=max(1, int(space.cpu)))
     trainable = tune.with_resources(tune.with_parameters(run_cell, setup=setup),
                                     {"cpu": space.cpu, "gpu": space.gpu})
-    cells = [{"run": c.run_name, "base": c.base, "overrides": list(c.overrides), "seed": c.seed}
-             for c in todo]
+    cells = [{"run": c.run_name, "base": c.base, "overrides": [*c.overrides, *extra.get(c.run_name, [])],
+              "seed": c.seed} for c in todo]
     attempts = out / "tune"
     attempt = f"attempt-{len(list(attempts.glob('attempt-*'))) if attempts.is_dir() else 0}"
     tuner = tune.Tuner(

@@ -36,6 +36,8 @@ class Cell:
     base: str
     overrides: tuple[str, ...]
     seed: int
+    point: tuple[tuple[str, object], ...] = ()
+    """The grid values, by param key (the tuning stage finds a cell's search by them)."""
 
     @property
     def run_name(self) -> str:
@@ -59,7 +61,8 @@ def cells(space: SearchSpace, seeds: int) -> list[Cell]:
         if name in names:
             raise SpaceError(f"{space.path}: two grid points share the name {name!r}: give distinct values")
         names.add(name)
-        out += [Cell(name, base or space.base or "", tuple(overrides), seed) for seed in range(seeds)]
+        out += [Cell(name, base or space.base or "", tuple(overrides), seed, tuple(point.items()))
+                for seed in range(seeds)]
     return out
 
 

@@ -32,6 +32,17 @@ def test_defaults_need_only_the_shards(chexpert_shards: Path) -> None:
     assert load_config(None, [f"data.shards={chexpert_shards}"]).model == Config().model
 
 
+def test_layer_decay_mode_defaults_to_group_for_configs_written_before_it(chexpert_shards: Path,
+                                                                           tmp_path: Path) -> None:
+    config = load_config(DEMO, [f"data.shards={chexpert_shards}", "model.layer_decay_mode=depth"])
+    assert config.model.layer_decay_mode == "depth"
+    config.save(tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "  layer_decay_mode: depth\n" in text
+    (tmp_path / "old.yaml").write_text(text.replace("  layer_decay_mode: depth\n", ""))
+    assert load_config(tmp_path / "old.yaml").model.layer_decay_mode == "group"
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["model.freez=head"], "unknown config key model.freez (expected one of:"),
     (["training.lr=1"], "unknown config key training"),
@@ -44,7 +55,11 @@ def test_defaults_need_only_the_shards(chexpert_shards: Path) -> None:
     (["model.weights=/no/such.safetensors"], "model.weights: /no/such.safetensors not found"),
     (["run.resume=sometimes"], "run.resume: 'sometimes' is neither never, auto nor a checkpoint directory"),
     (["optim.ema=1.5"], "optim.ema: expected a decay in (0, 1)"),
+    (["model.layer_decay_mode=blocks"], "model.layer_decay_mode: 'blocks' is not one of 'group', 'depth'"),
     (["run.metric=acuroc"], "run.metric: 'acuroc' is not one of auroc_macro"),
+    (["model.name=swin_tiny_patch4_window7_224", "data.image_size=300"],
+     "data.image_size: swin_tiny_patch4_window7_224 needs a multiple of 32"),
+    (["data.global_batch=0"], "data.global_batch: must be ≥ 1, got 0"),
     (["lr"], "override 'lr': expected key.sub=value"),
     (["data.shards.x=1"], "data.shards"),
 ])

@@ -271,3 +271,41 @@ def test_optimizer_tradeoff_draws_each_models_best_run_per_optimizer(tmp_path: P
     assert path is not None and path.name == "optimizer_tradeoff.png"
     width, height = Image.open(path).size
     assert height > 1.5 * width / 11 * 3.6, "one row of two panels per model: two rows"
+
+
+def test_recipe_cards_show_how_each_run_was_trained_and_flag_unequal_budgets(
+        run_folder: Path, tmp_path: Path) -> None:
+    """Each run's card from its config.yaml, its `resolved` block and its records (by hand below);
+    a comparison whose sides differ in tuning trials is flagged, an equal one says so."""
+    runs = tmp_path / "runs"
+    for name in ("cnn", "vit"):
+        shutil.copytree(run_folder / name, runs / name)
+    shutil.copytree(run_folder / "vit", runs / "vit-tuned")
+    config = (runs / "vit-tuned" / "config.yaml").read_text()
+    tuning = 'tuning: {trials: 6, search: demo_cpu_vit, trial_epochs: 12, images: 960}'
+    (runs / "vit-tuned" / "config.yaml").write_text(config.replace("tuning: {}", tuning))
+    out = tmp_path / "report"
+    result = report("--runs", str(runs), "--out", str(out), "--resamples", "50")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    cards = {r["name"]: r["recipe"] for r in summary["runs"]}
+
+    cnn_records = [json.loads(line) for line in (runs / "cnn" / "metrics.jsonl").read_text().splitlines()]
+    last_step = max(r["step"] for r in cnn_records if r["split"] in ("val", "test"))
+    cnn = cards["cnn"]
+    assert (cnn["image_size"], cnn["global_batch"], cnn["epochs"], cnn["freeze"]) == (64, 8, 2, "full")
+    assert cnn["steps"] == last_step and cnn["images_seen"] == last_step * 8, "one process × 8 per step"
+    assert cnn["lr_top"] == cnn["lr_bottom"] == pytest.approx(2e-3), "demo lr, no scaling, no layer decay"
+    assert (cnn["pretrained"], cnn["optimizer"], cnn["tuning_trials"]) == ("none", "adamw", 0)
+    assert cnn["labels"] == "uncertain ignore, blank zeros" and cnn["trainable_parameters"] > 0
+    assert cards["vit-tuned"]["tuning_trials"] == 6
+
+    budgets = {(p["a"], p["b"]): p["budget"] for p in summary["pairs"]}
+    assert budgets[("cnn", "vit")] == []
+    assert budgets[("cnn", "vit-tuned")] == ["tuning trials 0 vs 6"]
+    budget = {row["family"]: row for row in summary["tuning_budget"]}
+    assert budget["cnn"]["trials"] == 0 and budget["vit"]["trials"] == 6
+    assert budget["vit"]["untuned_runs"] == 1 and budget["vit"]["searches"] == ["demo_cpu_vit"]
+    markdown = (out / "index.md").read_text()
+    assert "## Recipe cards" in markdown and "⚠ tuning trials 0 vs 6" in markdown
+    assert "**Unequal tuning**" in markdown

@@ -3,6 +3,7 @@ the real trainer in every run, a driver killed mid-study and resumed, the report
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -114,6 +115,82 @@ def test_bad_study_input_is_one_line(chexpert_shards: Path, tmp_path: Path,
                                          "params": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}))
         args = []
     code = main(["--space", str(space), "--storage", str(tmp_path / "s"), *args,
+                 f"data.shards={chexpert_shards}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "s").exists(), "nothing written"
+
+
+TUNED = ROOT / "sweeps" / "spaces" / "study_demo_tuned.yaml"
+
+
+@pytest.mark.slow
+def test_equal_budget_tuning_per_architecture_then_the_grid_with_each_winner(
+        chexpert_shards: Path, tmp_path: Path) -> None:
+    """The protocol: one search per architecture with the same trials and epochs, on val only; the
+    final runs train with their own architecture's winning values and say where they came from."""
+    storage = tmp_path / "studies"
+    command = [sys.executable, "-m", "sweeps.study", "--space", str(TUNED), "--seeds", "1", "--address",
+               "local", "--name", "tuned", "--storage", str(storage), "--resamples", "50",
+               f"data.shards={chexpert_shards}", "data.samples_per_epoch=32", "data.batch_size=8",
+               "optim.epochs=1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+    out = storage / "tuned"
+    tuned_values, candidates = {}, {}
+    for arch in ("demo_cpu", "demo_cpu_vit"):
+        assert f"tuning {arch}: 4 trials (optuna) on val" in result.stdout
+        with (out / "tuning" / arch / "results.csv").open() as handle:
+            rows = list(csv.DictReader(handle))
+        assert len(rows) == 4 and all(row["status"] == "finished" for row in rows), "no early stopping"
+        for row in rows:
+            trial = Path(row["run_dir"])
+            assert yaml.safe_load((trial / "config.yaml").read_text())["optim"]["epochs"] == 2, "tune.fixed"
+            assert not records(trial, "test"), "the search never sees the test split"
+        best = max(rows, key=lambda row: float(row["val_auroc_macro"]))
+        tuned_values[arch] = (float(best["optim.lr"]), float(best["optim.weight_decay"]))
+        candidates[arch] = sorted((float(row["optim.lr"]), float(row["optim.weight_decay"])) for row in rows)
+    # The same sampler seed: TPE's random start proposes the same candidates to every architecture.
+    assert candidates["demo_cpu"] == candidates["demo_cpu_vit"]
+
+    for arch in ("demo_cpu", "demo_cpu_vit"):
+        run = out / "runs" / f"{arch}-full-seed0"
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        lr, weight_decay = tuned_values[arch]
+        assert config["optim"]["lr"] == pytest.approx(lr), f"{arch} trained with its own search's winner"
+        assert config["optim"]["weight_decay"] == pytest.approx(weight_decay)
+        assert config["optim"]["epochs"] == 1, "the search's fixed settings are the search's only"
+        assert config["run"]["tuning"]["trials"] == 4 and config["run"]["tuning"]["search"] == arch
+        assert len(records(run, "test")) == 1
+
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    budget = {row["family"]: row for row in summary["tuning_budget"]}
+    assert budget["cnn"]["trials"] == budget["vit"]["trials"] == 4
+    assert budget["cnn"]["trial_epochs"] == budget["vit"]["trial_epochs"] == 4 * 2
+    assert "Tuning budget" in (out / "report" / "index.md").read_text()
+
+    # --resume keeps both finished searches (and the finished runs).
+    again = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 already finished, 0 to run" in again.stdout
+
+
+@pytest.mark.parametrize(("tune", "message"), [
+    ({"per": ["model.name"], "params": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}},
+     "tune.per: expected a list of the grid's params"),
+    ({"params": {"model.freeze": {"choice": ["full"]}}}, "tune.params.model.freeze: already a grid param"),
+    ({"params": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}, "trails": 2}, "tune: unknown key 'trails'"),
+    ({"search": "grid", "params": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}, "tune.search grid takes grid"),
+    ({"params": {"optim.lr": {"uniform": [-1.0, 1e-2]}}}, "params.optim.lr = -1.0"),  # the trainer refuses it
+])
+def test_bad_tuning_section_is_one_line(chexpert_shards: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str], tune: dict, message: str) -> None:
+    raw = yaml.safe_load(SPACE.read_text())
+    raw["tune"] = tune
+    space = tmp_path / "tuned.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    code = main(["--space", str(space), "--storage", str(tmp_path / "s"), "--seeds", "1",
                  f"data.shards={chexpert_shards}"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err

@@ -11,11 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from sweeps import study_tuning
 from sweeps.run import check_space
 from sweeps.space import SpaceError, load_space
-from tests.trainer_helpers import DEMO, ROOT, kill_group, records, wait_for
+from tests.trainer_helpers import DEMO, ROOT, kill_group, records, train, wait_for
+from trainer import rundir
 from trainer.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -64,7 +67,8 @@ def write_space(path: Path, **fields: object) -> Path:
 
 def test_demo_space_four_trials_write_table_and_best_config(chexpert_shards: Path, tmp_path: Path) -> None:
     result = run_sweep(
-        DEMO_SPACE, tmp_path, "demo", "--trials", "4", f"data.shards={chexpert_shards}", "data.batch_size=8"
+        DEMO_SPACE, tmp_path, "demo", "--trials", "4", f"data.shards={chexpert_shards}", "data.batch_size=8",
+        "optim.lr_scaling=linear",
     )
     assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
     rows = results(tmp_path, "demo")
@@ -84,6 +88,25 @@ def test_demo_space_four_trials_write_table_and_best_config(chexpert_shards: Pat
     assert best.optim.lr == pytest.approx(float(rows[0]["optim.lr"]))
     assert best.model.freeze == rows[0]["model.freeze"] and best.data.shards == str(chexpert_shards)
     assert best.run.resume == "never" and best.run.test_at_end
+    assert best.data.global_batch == 8 and best.run.tuning["trials"] == 4
+    trial = rundir.read_resolved(Path(rows[0]["run_dir"]))
+    assert trial["effective_lr"] == pytest.approx(best.optim.lr * 8 / 256), "one rank × 8 at ref 256"
+
+    # The best.yaml on two ranks trains with the trial's global batch, so with its effective lr.
+    run_dir = tmp_path / "best-on-two-ranks"
+    again = train(str(tmp_path / "demo" / "best.yaml"), [
+        f"run.dir={run_dir}", "optim.epochs=1", "data.samples_per_epoch=48", "data.workers=0",
+        "run.log_every=1", "run.test_at_end=false"], processes=2)
+    assert again.returncode == 0, again.stderr[-4000:]
+    resolved = rundir.read_resolved(run_dir)
+    assert (resolved["processes"], resolved["batch_size"], resolved["global_batch"]) == (2, 4, 8)
+    assert resolved["effective_lr"] == pytest.approx(trial["effective_lr"], rel=1e-12)
+    # ... and the optimizer used it: its saved lr is the logged one at the last step.
+    last = records(run_dir, "train")[-1]
+    (checkpoint,) = sorted((run_dir / rundir.CHECKPOINTS).glob("step-*"))[-1:]
+    saved = torch.load(checkpoint / "optimizer.bin", weights_only=True)["param_groups"]
+    assert saved and all(group["lr"] == pytest.approx(last["lr"], rel=1e-9) for group in saved)
+    assert last["lr"] <= resolved["effective_lr"] < best.optim.lr
 
 
 def test_asha_stops_a_hopeless_trial_early(learn_shards: Path, tmp_path: Path) -> None:
@@ -227,5 +250,8 @@ def test_shipped_spaces_pass_the_sweeps_own_checks(chexpert_shards: Path,
         assert space.params
         fixed = [f"{key}={json.dumps(value)}" for key, value in space.fixed.items()]
         assert check_space(space, [*fixed, f"data.shards={chexpert_shards}"]) >= 1, path
+        if space.tune is not None:  # a study's tuning stage: every search's trials, both bounds
+            study_tuning.check(space, [*fixed, f"data.shards={chexpert_shards}"])
+    assert sum(load_space(path).tune is not None for path in spaces) >= 2
     with pytest.raises(SpaceError, match="no such file"):
         load_space(ROOT / "sweeps" / "spaces" / "missing.yaml")

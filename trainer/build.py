@@ -8,6 +8,7 @@ resume from. The result is a `Run`, which the loop (engine.py) and evaluation (e
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from trainer.distributed import compile_prepared, uses_deepspeed, zero_stage
 from trainer.models import build_model, plan_parameters, to_memory_format
 from trainer.optimizers import build_optimizer
 from trainer.preemption import StopRequest
+from trainer.recipe import Resolved, resolve
 from trainer.tracking import Tracker
 
 
@@ -54,6 +56,10 @@ class Run:
     """perf_counter() when training time was last added to state.train_seconds."""
     lr_factor: float = 1.0
     """The schedule's factor at the last optimizer step (logged as lr × factor)."""
+    recipe: Resolved | None = None
+    """The launch's global batch and effective lr (trainer/recipe.py)."""
+    lr_scales: tuple[float, float] = (1.0, 1.0)
+    """The smallest and largest layer-wise lr scale among trainable groups (bottom, top)."""
     eval_copy: torch.nn.Module | None = None
     """ZeRO-3 only: an unsharded copy of the model that evaluation runs on (evaluation.eval_model)."""
 
@@ -70,8 +76,9 @@ def setup(cfg: Config, accelerator: Accelerator) -> Run:
         raise ConfigError("optim.ema: not supported under DeepSpeed ZeRO-3 (the weights are sharded); "
                           "use ZeRO-2 or DDP")
     set_seed(cfg.run.seed)
-    model = build_model(cfg.model, num_classes=len(labels))
-    plan = plan_parameters(model, cfg.model.freeze, cfg.model.layer_decay, cfg.optim.weight_decay)
+    model = build_model(cfg.model, num_classes=len(labels), image_size=cfg.data.image_size)
+    plan = plan_parameters(model, cfg.model.freeze, cfg.model.layer_decay, cfg.optim.weight_decay,
+                           mode=cfg.model.layer_decay_mode)
     accelerator.print(f"model {cfg.model.name}: {plan.trainable:,} of {plan.total:,} parameters trainable "
                       f"(freeze={cfg.model.freeze})")
     # DeepSpeed flattens parameters into buffers: it needs them contiguous, not channels_last.
@@ -87,9 +94,16 @@ def setup(cfg: Config, accelerator: Accelerator) -> Run:
     state, resumed = resume(cfg, checkpointer, train, ema, accelerator)
     tracker = Tracker(run_dir, accelerator.is_main_process, state.step if resumed else None)
     tracker.text("parameters", f"trainable {plan.trainable} / total {plan.total}", state.step)
+    resolved = resolve(cfg, accelerator.num_processes)
+    scales = [group["lr_scale"] for group in plan.groups] or [1.0]
+    accelerator.print(f"global batch {resolved.global_batch} ({resolved.processes} processes × "
+                      f"{resolved.batch_size} × accumulation {resolved.grad_accum}): effective lr "
+                      f"{resolved.effective_lr:.3g} (optim.lr {resolved.lr:.3g}, "
+                      f"scaling {resolved.lr_scaling})")
+    tracker.text("recipe", json.dumps(resolved.to_dict()), state.step)
     return Run(cfg, accelerator, run_dir, model, optimizer, train, val, test, labels, pos_weight, ema,
                checkpointer, tracker, state, StopRequest(cfg.run.signal_check_every), input_dtype,
-               (plan.trainable, plan.total))
+               (plan.trainable, plan.total), recipe=resolved, lr_scales=(min(scales), max(scales)))
 
 
 def match_deepspeed_dtype(model: torch.nn.Module, accelerator: Accelerator) -> torch.dtype:
@@ -138,4 +152,5 @@ def plain_model(run: Run) -> torch.nn.Module:
 def unsharded_copy(run: Run) -> torch.nn.Module:
     """A plain model of the same architecture on the run's device and dtype, without weights."""
     spec = dataclasses.replace(run.cfg.model, pretrained=False, weights=None)
-    return build_model(spec, num_classes=len(run.labels)).to(run.accelerator.device, run.input_dtype)
+    return build_model(spec, num_classes=len(run.labels), image_size=run.cfg.data.image_size).to(
+        run.accelerator.device, run.input_dtype)

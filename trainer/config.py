@@ -22,6 +22,10 @@ METRICS: tuple[str, ...] = ("auroc_macro", "auroc_chexpert5", "accuracy", "f1", 
 """Validation metrics that can pick the best checkpoint (all: higher is better)."""
 
 
+RESOLVED = "resolved"
+"""config.yaml's block of what the launch made of the config (trainer/recipe.py): a record, not a setting."""
+
+
 class ConfigError(ValueError):
     """A config mistake, in one line that names the key."""
 
@@ -35,6 +39,10 @@ class DataConfig:
     image_size: int = 224
     batch_size: int = 32
     """Per process; the global batch is batch_size × processes × optim.grad_accum."""
+    global_batch: int | None = None
+    """Images per optimizer step, pinned: the per-process batch is then global ÷ processes ÷
+    optim.grad_accum (and batch_size is ignored), so a recipe trains the same on 1 GPU or 8 (a
+    sweep's best.yaml sets it to the winning trial's). Unset: batch_size × processes × grad_accum."""
     workers: int = 4
     views: Literal["all", "frontal", "lateral"] = "frontal"
     uncertain: Literal["ignore", "zeros", "ones", "mixed"] = "ignore"
@@ -61,10 +69,20 @@ class ModelConfig:
     """1: adapt the stem to grayscale (timm sums the RGB filters); 3: repeat the gray channel."""
     freeze: Literal["head", "head+last_block", "full", "layer_decay"] = "full"
     layer_decay: float = 0.75
-    """Per-block LR factor for freeze=layer_decay (the head gets the full LR)."""
+    """Per-block LR factor for freeze=layer_decay (the head gets the full LR); how far down it
+    compounds is `layer_decay_mode`."""
+    layer_decay_mode: Literal["group", "depth"] = "group"
+    """freeze=layer_decay: `group` (timm's, as before) multiplies the lr by layer_decay once per timm
+    coarse group from the head down, so the stem gets layer_decay^(groups-1): 0.75^13 ≈ 0.024 for
+    ViT-B/16 (14 groups) but 0.75^5 ≈ 0.24 for ResNet-50 (6). `depth` normalises by depth: every
+    architecture's stem gets layer_decay^13 (ViT-B/16's own, so ViT-B is unchanged and the usual
+    ViT values 0.65-0.75 keep their meaning), the head 1, the groups between evenly spaced in
+    exponent (trainer.models.layer_scales): the fair setting for comparing families."""
     drop_path: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra timm.create_model arguments (tiny variants: depth, embed_dim, img_size, ...)."""
+    """Extra timm.create_model arguments (tiny variants: depth, embed_dim, img_size, ...). They win
+    over what data.image_size implies (ViTs: img_size; Swin: img_size and window_size = size / 32;
+    CNNs: nothing; trainer.models.resolution_kwargs)."""
     channels_last: bool = True
     """For CNNs: NHWC memory format (faster convolutions on GPUs)."""
     compile: bool = False
@@ -75,7 +93,13 @@ class OptimConfig:
     name: Literal["adamw", "sgd", "lamb", "lion"] = "adamw"
     """Built by timm's optimizer factory (trainer/optimizers.py); sgd is Nesterov momentum."""
     lr: float | None = None
-    """Peak learning rate; unset, the optimizer's own starting point (optimizers.DEFAULT_LR)."""
+    """Peak learning rate at `lr_ref_batch` images per step (see lr_scaling); unset, the optimizer's
+    own starting point (optimizers.DEFAULT_LR)."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """How lr follows the actual global batch (trainer/recipe.py): none (lr as given, at any batch:
+    the default, as before), linear (× global/ref), sqrt (× √(global/ref))."""
+    lr_ref_batch: int = 256
+    """The global batch at which optim.lr is defined (used by linear and sqrt)."""
     weight_decay: float = 0.01
     betas: list[float] | None = None
     """adamw, lamb, lion; unset, the optimizer's own ((0.9, 0.999); lion (0.9, 0.99))."""
@@ -115,6 +139,10 @@ class RunConfig:
     """Evaluate the best model on the test split when training ends."""
     image_grid: bool = True
     """Log a grid of training images to TensorBoard once."""
+    tuning: dict[str, Any] = field(default_factory=dict)
+    """How this recipe's hyperparameters were chosen, as a record (written by sweeps.run's best.yaml
+    and sweeps.study's tuning stage: trials, search, sweep); empty: set by hand. The report's recipe
+    card shows it, and flags compared runs whose tuning budgets differ."""
 
 
 @dataclass
@@ -153,6 +181,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data, model, optim, run)")
+        raw.pop(RESOLVED, None)  # what a past launch made of the config: recomputed by every launch
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -246,6 +275,8 @@ def validate(config: Config) -> None:
     data, model, optim, run = config.data, config.model, config.optim, config.run
     positive = {"data.image_size": data.image_size, "data.batch_size": data.batch_size,
                 "optim.epochs": optim.epochs, "optim.grad_accum": optim.grad_accum,
+                "optim.lr_ref_batch": optim.lr_ref_batch,
+                "data.global_batch": 1 if data.global_batch is None else data.global_batch,
                 "run.keep_last": run.keep_last, "run.log_every": run.log_every,
                 "run.signal_check_every": run.signal_check_every}
     for key, value in positive.items():
@@ -289,6 +320,10 @@ def check_environment(config: Config) -> None:
         raise ConfigError(f"model.name: {model.name!r}: timm has no pretrained tag "
                           f"{model.name.split('.', 1)[1]!r} for {arch} (it has: "
                           f"{', '.join(tags[:8]) + (', ...' if len(tags) > 8 else '') or 'none'})")
+    if "img_size" not in model.kwargs:  # a size the architecture cannot take stops here, not on the node
+        from trainer.models import resolution_kwargs  # noqa: PLC0415
+
+        resolution_kwargs(model.name, data.image_size)
     if model.weights is not None and not Path(model.weights).is_file():
         raise ConfigError(f"model.weights: {model.weights} not found")
     _check_resume(run)

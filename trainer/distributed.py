@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from trainer.config import Config, ConfigError
+from trainer.recipe import per_process_batch
 
 EXPECT_GPUS = "CXR_EXPECT_GPUS"
 """GPUs per node the launch allocated (launch/node.sh sets it; 0 = a CPU run on purpose)."""
@@ -82,10 +83,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if plugin is not None:
         # The streams are not `prepare`d (they split by rank themselves), so DeepSpeed cannot
         # infer the micro-batch from a DataLoader: say it explicitly.
+        micro_batch = per_process_batch(cfg, accelerator.num_processes)  # data.global_batch may set it
         plugin.deepspeed_config.update({
-            "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+            "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": cfg.optim.grad_accum,
-            "train_batch_size": cfg.data.batch_size * cfg.optim.grad_accum * accelerator.num_processes,
+            "train_batch_size": micro_batch * cfg.optim.grad_accum * accelerator.num_processes,
             "gradient_clipping": cfg.optim.clip_grad or 0.0,
         })
         if plugin.zero_stage == 3:  # the best-model export needs whole weights gathered on rank 0

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from trainer import rundir
+from trainer import recipe, rundir
 from trainer.build import Run, plain_model, setup
 from trainer.config import Config, ConfigError
 from trainer.distributed import make_accelerator, uses_deepspeed
@@ -65,7 +65,7 @@ def train_epoch(run: Run, epoch: int, total_steps: int, warmup: int) -> None:
             if accelerator.sync_gradients:  # set before backward: DeepSpeed steps inside it
                 run.lr_factor = lr_factor(state.step, warmup, total_steps, cfg.optim.min_lr_ratio)
                 for group in run.optimizer.param_groups:
-                    group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0) * run.lr_factor
+                    group["lr"] = run.recipe.effective_lr * group.get("lr_scale", 1.0) * run.lr_factor
             # forward under autocast (DeepSpeed casts the model instead: cast the input to match)
             with accelerator.autocast():
                 logits = run.model(batch["image"].to(run.input_dtype))
@@ -101,7 +101,7 @@ def after_optimizer_step(run: Run, window: dict, started: float) -> None:
         mean_loss = accelerator.reduce(window["loss"] / window["batches"], reduction="mean").item()
         seconds = max(1e-9, time.perf_counter() - started)
         record = {"split": "train", "epoch": state.epoch, "step": state.step, "loss": mean_loss,
-                  "lr": cfg.optim.lr * run.lr_factor, "img_per_s": window["images"] / seconds,
+                  "lr": run.recipe.effective_lr * run.lr_factor, "img_per_s": window["images"] / seconds,
                   "data_wait": window["wait"] / seconds}
         if torch.cuda.is_available():
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -160,8 +160,10 @@ def train(cfg: Config, report: Report | None = None) -> dict:
         raise ConfigError(f"run.dir: {cfg.run.dir} already holds a run ({rundir.METRICS}): continue it with "
                           "run.resume=auto, or choose another run.dir")
     accelerator = make_accelerator(cfg)
+    resolved = recipe.resolve(cfg, accelerator.num_processes)  # a bad global batch stops here, unwritten
+    cfg.data.batch_size = resolved.batch_size
     if accelerator.is_main_process:
-        rundir.write_config(run_dir, cfg)
+        rundir.write_config(run_dir, cfg, resolved.to_dict())
         rundir.clear_preempted(run_dir)
     accelerator.wait_for_everyone()
     run = setup(cfg, accelerator)

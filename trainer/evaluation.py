@@ -94,7 +94,8 @@ def evaluate(run: Run, split: str, threshold: float | None = None) -> dict:
     else:
         metrics = multilabel_metrics(run.labels, predictions)
     record = {"split": split, "epoch": run.state.epoch, "step": run.state.step,
-              "train_seconds": round(run.state.train_seconds, 3), **metrics}
+              "images_seen": run.state.samples, "train_seconds": round(run.state.train_seconds, 3),
+              **metrics}
     run.tracker.log(record)
     if run.accelerator.is_main_process:
         rundir.write_predictions(run.run_dir, split, predictions)
@@ -118,8 +119,19 @@ def model_card(run: Run, metrics: dict) -> dict:
         "val_metrics": {k: metrics.get(k) for k in ("auroc_macro", "auroc_chexpert5")},
         "step": run.state.step, "data": cfg.data.shards,
         "parameters": {"trainable": run.parameters[0], "total": run.parameters[1]},
+        "recipe": recipe_card(run),
         "intended_use": "Research on model comparison only. Not for clinical use.",
     }
+
+
+def recipe_card(run: Run) -> dict:
+    """How the exported model was trained, beyond config.yaml: the launch's global batch and
+    effective lr, and the lr its lowest and highest trainable layer groups peaked at."""
+    card = run.recipe.to_dict() if run.recipe is not None else {}
+    if run.recipe is not None:
+        card["lr_bottom"] = run.recipe.effective_lr * run.lr_scales[0]
+        card["lr_top"] = run.recipe.effective_lr * run.lr_scales[1]
+    return card
 
 
 def summary_line(metrics: dict) -> str:

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import yaml
 
-from shards.atomic import replacing, replacing_dir, write_json
-from trainer.config import Config, ConfigError, load_config
+from shards.atomic import replacing, replacing_dir, write_json, write_text
+from trainer.config import RESOLVED, Config, ConfigError, load_config
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written: readers of the
     import torch  # metrics and predictions (report, sweep tables) start without it
@@ -54,10 +55,26 @@ def predictions_path(run_dir: Path, split: str) -> Path:
 # --- config.yaml ---------------------------------------------------------------------------------
 
 
-def write_config(run_dir: Path, config: Config) -> None:
-    """The resolved config, first thing in a run directory (main rank)."""
+def write_config(run_dir: Path, config: Config, resolved: dict | None = None) -> None:
+    """The resolved config, first thing in a run directory (main rank), with what this launch made
+    of it (`resolved`: processes, global batch, effective lr; trainer/recipe.py) as a record that
+    load_config skips when the file is fed back."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / CONFIG)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    if resolved is not None:
+        text += (f"# {RESOLVED}: what this launch made of the settings above (recomputed by every "
+                 "launch; ignored when read back)\n" + yaml.safe_dump({RESOLVED: resolved}, sort_keys=False))
+    write_text(run_dir / CONFIG, text)
+
+
+def read_resolved(directory: Path) -> dict:
+    """config.yaml's `resolved` block ({} for a run written before runs recorded it)."""
+    try:
+        raw = yaml.safe_load((directory / CONFIG).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    block = raw.get(RESOLVED) if isinstance(raw, dict) else None
+    return block if isinstance(block, dict) else {}
 
 
 def read_config(directory: Path, overrides: Sequence[str] = (), environment: bool = False) -> Config:

@@ -57,7 +57,7 @@ def load_best_model(run_dir: Path, shards: Path | None) -> LoadedRun:
         labels = resolve_label_set(config.data.labels)
     else:
         labels = load_manifest(Path(config.data.shards)).label_names
-    model = build_model(config.model, num_classes=len(labels))
+    model = build_model(config.model, num_classes=len(labels), image_size=config.data.image_size)
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

@@ -16,7 +16,7 @@ from pathlib import Path
 from shards.atomic import write_json, write_text
 from trainer import rundir
 from trainer.config import Config
-from trainer.report import figures, seeds
+from trainer.report import figures, recipes, seeds
 from trainer.report.analysis import ANCHORS, Settings, compare, pairs, run_metrics
 from trainer.report.render import render_html, render_markdown
 from trainer.report.runs import RunData, find_runs, load_run, load_sweep
@@ -145,8 +145,18 @@ def build(
     path = figures.optimizer_tradeoff(_optimizer_curves(runs, sweeps, val_metric), val_metric, out)
     add(path, "Optimizer trade-off: val metric vs training time and per epoch, best run per optimizer",
         None if path else "needs runs or sweep trials that vary optim.name on one model")
-    compared = [compare(a, b, settings) for a, b in pairs(runs)]
+    cards = {run.name: recipes.card(run) for run in runs}
+    for summary in summaries:
+        summary["recipe"] = cards[summary["name"]]
+    compared = []
+    for a, b in pairs(runs):
+        compared.append(compare(a, b, settings) | {"budget": recipes.budget_differences(cards[a.name],
+                                                                                       cards[b.name])})
     groups = seeds.group_runs(runs)
+    seed_comparisons = []
+    for a, b in seeds.pairs(groups):
+        budget = recipes.budget_differences(cards[a.first.name], cards[b.first.name])
+        seed_comparisons.append(seeds.compare(a, b, primary, settings) | {"budget": budget})
     by_name = {summary["name"]: summary for summary in summaries}
     return {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -155,7 +165,9 @@ def build(
         "runs": summaries,
         "pairs": compared,
         "seed_groups": [seeds.describe(group, by_name, primary) for group in groups],
-        "seed_comparisons": [seeds.compare(a, b, primary, settings) for a, b in seeds.pairs(groups)],
+        "seed_comparisons": seed_comparisons,
+        "tuning_budget": recipes.tuning_budget((run.family, cards[run.name], run.config.run.tuning)
+                                               for run in runs),
         "sweeps": [{"path": str(s), "trials": len(load_sweep(s))} for s in sweeps],
         "figures": [f for f in figure_list if f["file"]],
         "missing_figures": [f for f in figure_list if not f["file"]],

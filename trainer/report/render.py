@@ -80,15 +80,20 @@ def render_markdown(summary: dict) -> str:
                 f"{format_metric(pair['ci_high'], '+.3f')}]",
                 _p(pair["p_value"]),
                 _p(min(delong)) if delong else "n/a",
+                _budget(pair.get("budget")),
             ]
         )
     lines += (
-        _table(["first", "second", "n", "metric", "Δ [95% CI]", "p (bootstrap)", "min p (DeLong)"], rows)
+        _table(["first", "second", "n", "metric", "Δ [95% CI]", "p (bootstrap)", "min p (DeLong)", "budget"],
+               rows)
         if rows
         else ["(needs two runs on the same labels)", ""]
     )
     if any(group["n_seeds"] > 1 for group in summary.get("seed_groups", [])):
         lines += _replicates(summary["seed_groups"], summary["seed_comparisons"])
+    lines += _recipe_cards(runs)
+    if summary.get("tuning_budget"):
+        lines += _tuning_budget(summary["tuning_budget"])
     lines += ["## Calibration and the val-chosen threshold on test", ""]
     rows = []
     for run in runs:
@@ -171,15 +176,82 @@ def _replicates(groups: list[dict], comparisons: list[dict]) -> list[str]:
             f"{format_metric(c['ci_high'], '+.3f')}]",
             _p(c["p_value"]),
             c["test"],
+            _budget(c.get("budget")),
         ]
         for c in comparisons
     ]
     lines += (
-        _table(["first", "second", "seeds", "metric", "Δ [95% CI]", "p", "test"], rows)
+        _table(["first", "second", "seeds", "metric", "Δ [95% CI]", "p", "test", "budget"], rows)
         if rows
         else ["(needs two groups on the same labels that share a seed)", ""]
     )
     return lines
+
+
+RECIPE_COLUMNS = (
+    ("pretrained", "pretrained"), ("image_size", "size"), ("global_batch", "global batch"),
+    ("lr_top", "lr top"), ("lr_bottom", "lr bottom"), ("lr_scaling", "lr scaling"),
+    ("layer_decay", "layer decay"), ("optimizer", "optimizer"), ("weight_decay", "weight decay"),
+    ("epochs", "epochs"), ("steps", "steps"), ("images_seen", "images seen"), ("augment", "augment"),
+    ("labels", "label policy"), ("freeze", "freeze"), ("trainable_parameters", "trainable"),
+    ("tuning_trials", "tuning trials"),
+)
+
+
+def _recipe_cards(runs: list[dict]) -> list[str]:
+    """One row per run: how it was trained, so a reader sees whether two runs were treated alike."""
+    lines = [
+        "## Recipe cards",
+        "",
+        "How each run was trained. lr top/bottom: the peak learning rate of the highest and lowest "
+        "trainable layer group (after the global-batch rule and layer decay); images seen and steps "
+        "at the last evaluation; tuning trials: the search its hyperparameters came from (0: set by "
+        "hand). A comparison whose sides differ in steps, images seen or tuning trials is flagged in "
+        "its budget column.",
+        "",
+    ]
+    rows = [[r["name"], *(_recipe_cell(key, r.get("recipe", {}).get(key)) for key, _ in RECIPE_COLUMNS)]
+            for r in runs]
+    return lines + _table(["run", *(title for _, title in RECIPE_COLUMNS)], rows)
+
+
+def _recipe_cell(key: str, value: object) -> str:
+    if value is None:
+        return "n/a"
+    if key in ("lr_top", "lr_bottom", "weight_decay") and isinstance(value, int | float):
+        return f"{value:.3g}"
+    if key == "trainable_parameters" and isinstance(value, int):
+        return _params(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _tuning_budget(budget: list[dict]) -> list[str]:
+    lines = [
+        "## Tuning budget",
+        "",
+        "The hyperparameter searches each family's runs came from (sweeps.study's tuning stage or a "
+        "sweep's best.yaml): searches, their trials, the epochs and images those trials trained.",
+        "",
+    ]
+    rows = [[b["family"], str(b["runs"]), str(b["untuned_runs"]), str(len(b["searches"])),
+             ", ".join(map(str, b.get("trials_per_search", []))) or "—", str(b["trials"]),
+             f"{b['trial_epochs']:,}", f"{b['images']:,}"] for b in budget]
+    lines += _table(["family", "runs", "hand-set runs", "searches", "trials per search", "trials",
+                     "trial epochs", "images seen in tuning"], rows)
+    per_search = {tuple(b.get("trials_per_search", [])) for b in budget}
+    untuned = {b["untuned_runs"] == b["runs"] for b in budget}
+    if len(per_search) > 1 or len(untuned) > 1:
+        lines += ["**Unequal tuning**: the families' searches differ in trials (or one side was not "
+                  "tuned at all); a difference between them may be the tuning, not the architecture.", ""]
+    return lines
+
+
+def _budget(notes: list[str] | None) -> str:
+    if notes is None:
+        return "n/a"
+    return "equal" if not notes else "⚠ " + "; ".join(notes)
 
 
 def _mean_sd(cell: dict) -> str:
@@ -221,7 +293,8 @@ def render_html(markdown: str, title: str) -> str:
     body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
+        "table{border-collapse:collapse;font-size:13px;display:block;overflow-x:auto}"
+        "td,th{border:1px solid #ccc;padding:3px 6px}"
         "img{max-width:100%}"
     )
     return (
