@@ -48,6 +48,7 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
     "competition5": COMPETITION5,
     "pneumonia": PNEUMONIA_LABELS,
 }
+"""Preset label sets by name (``nih14`` and ``mimic14`` are added below, with their vocabularies)."""
 
 RawLabel = Literal[1, 0, -1] | None
 """1 positive, 0 negative, -1 uncertain, None blank (not mentioned in the report)."""
@@ -92,3 +93,71 @@ def resolve_label_set(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...
     if not names:
         raise ValueError("label set is empty")
     return names
+
+
+NIH_LABELS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+    "No Finding",
+)
+"""ChestX-ray14's 14 findings as `Finding Labels` spells them (pipe-separated), and `No Finding`."""
+
+MIMIC_LABELS: tuple[str, ...] = CHEXPERT_LABELS
+"""MIMIC-CXR-JPG's `mimic-cxr-2.0.0-chexpert.csv.gz` carries the 14 CheXpert observations."""
+
+SAME_MEANING: tuple[frozenset[str], ...] = (
+    frozenset({"Effusion", "Pleural Effusion"}),
+    frozenset({"Pleural_Thickening", "Pleural Thickening"}),
+)
+"""Label names that differ in spelling between vocabularies but name the same finding (NIH's
+`Effusion` is CheXpert's `Pleural Effusion`). Identical names always match. Findings that only
+overlap (NIH `Mass`/`Nodule` vs CheXpert `Lung Lesion`, `Infiltration` vs `Lung Opacity`) are
+deliberately absent: a label with no exact counterpart is left out and listed, never guessed."""
+
+DEFINED_BY_VOCABULARY: frozenset[str] = frozenset({"No Finding"})
+"""Spelled alike but defined by each dataset's own findings (NIH's `No Finding` is "none of its 14",
+CheXpert's excludes fractures, devices and more): matched only within one vocabulary."""
+
+
+def _vocabulary(labels: tuple[str, ...] | list[str]) -> str | None:
+    for name, vocabulary in (("chexpert", CHEXPERT_LABELS), ("nih", NIH_LABELS)):
+        if set(labels) <= set(vocabulary):
+            return name
+    return None
+
+
+def shared_labels(source: tuple[str, ...] | list[str], target: tuple[str, ...] | list[str],
+                  ) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (source name, target name) pairs that mean the same finding, in the source's order,
+    and the source labels with no counterpart in the target (left out, to be listed)."""
+    pairs, missing = [], []
+    same_vocabulary = _vocabulary(source) is not None and _vocabulary(source) == _vocabulary(target)
+    for name in source:
+        if name in DEFINED_BY_VOCABULARY and not same_vocabulary:
+            missing.append(name)
+            continue
+        match = next((other for other in target if other == name), None)
+        if match is None:
+            group = next((g for g in SAME_MEANING if name in g), frozenset())
+            match = next((other for other in target if other in group), None)
+        if match is None:
+            missing.append(name)
+        else:
+            pairs.append((name, match))
+    return pairs, missing
+
+
+LABEL_SETS["nih14"] = NIH_LABELS[:14]
+LABEL_SETS["mimic14"] = MIMIC_LABELS

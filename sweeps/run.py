@@ -172,7 +172,7 @@ def sweep(
             run_config=tune.RunConfig(
                 name=out.name,
                 storage_path=str(out.parent),
-                verbose=1,
+                verbose=getattr(args, "verbose", 1),  # the study's tuning stage: 0
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),

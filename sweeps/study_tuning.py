@@ -108,10 +108,15 @@ def run_searches(space: SearchSpace, overrides: list[str], out: Path,
         max_epochs = check_space(sub, trial_overrides_)
         print(f"tuning {search.name}: {tune.trials} trials ({tune.search}) on val", flush=True)
         args = argparse.Namespace(resume=False, seed=0, max_failures=study_args.max_failures,
-                                  address=study_args.address, dashboard=False)
+                                  address=study_args.address, dashboard=False, verbose=0)
         sweep(sub, trial_overrides_, directory, max_epochs, args)
         winners[search.name] = _winner(space, search, directory)
         write_json(directory / WINNER, winners[search.name])
+        won = winners[search.name]
+        values = ", ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+                           for key, value in won["values"].items())
+        print(f"tuning {search.name}: best val {space.metric} {won['val']:.4f} with {values} "
+              f"({won['trials']} trials, {won['trial_epochs']} trial-epochs)", flush=True)
     return winners
 
 
