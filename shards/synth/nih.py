@@ -56,8 +56,6 @@ BOX_SPELLING = {"Infiltration": "Infiltrate"}
 BOXED = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
          "Pneumothorax")
 """The eight findings BBox_List_2017.csv has boxes for."""
-BOX_FRACTION = 0.5
-"""Of the test images with a boxed finding drawn, the share that gets boxes (the real file: ~880)."""
 RGBA_EVERY = 23
 """Every 23rd image is an RGBA PNG (the download has a few)."""
 
@@ -161,6 +159,9 @@ class NihOptions:
     """kaggle: Data_Entry_2017.csv + images_NNN/images/; box: Data_Entry_2017_v2020.csv + images/."""
     folder_images: int = 10_000
     """Images per images_NNN/ folder (Kaggle)."""
+    box_fraction: float = 0.5
+    """Of the test images with a boxed finding drawn, the share listed in BBox_List_2017.csv (the
+    real file boxes ~880 of 25,596 test images)."""
     workers: int = 1
 
 
@@ -221,7 +222,7 @@ def _image(task: tuple[NihOptions, Path, NihImage]) -> tuple[list[str], list[lis
            str(age + image.follow_up // 4), sex, str(rng.choice(["PA", "AP"], p=[0.6, 0.4])),
            str(width), str(height), spacing, spacing]
     boxes = []
-    if image.test and drawn.mask is not None and rng.uniform() < BOX_FRACTION:
+    if image.test and drawn.mask is not None and rng.uniform() < options.box_fraction:
         boxes = box_rows(image.name, drawn.mask)
     return row, boxes, masked
 
