@@ -205,6 +205,23 @@ def test_nih_pack_streams_with_nih_labels_and_the_official_test_split(nih_root: 
             assert [names[i] for i in np.flatnonzero(target)] == [n for n in names if n in listed]
 
 
+@pytest.mark.parametrize("layout", ["nih", "mimic"])
+def test_lesion_masks_stream_with_the_packs_label_bits(nih_shards: Path, mimic_shards: Path,
+                                                      layout: str) -> None:
+    """Explain's ground truth: each streamed label's lesion plane is drawn only where that label is
+    positive (the masks' bits follow the pack's own label order), and most positives have one."""
+    shards, labels = (nih_shards, "nih14") if layout == "nih" else (mimic_shards, "mimic14")
+    config = StreamConfig(shards=shards, split="test", labels=labels, batch_size=8, image_size=32, workers=0,
+                          views="all", with_lesion_masks=True)
+    marked = positives = 0
+    for batch in eval_stream(config, 0, 1).batches():
+        drawn = batch["lesion"].flatten(2).any(2).numpy()
+        target = batch["target"].numpy() == 1
+        assert not (drawn & ~target).any(), "a lesion plane on a negative label"
+        marked, positives = marked + int((drawn & target).sum()), positives + int(target.sum())
+    assert positives and marked >= 0.7 * positives
+
+
 def test_mimic_pack_streams_with_mimic_labels_and_the_official_test_split(mimic_root: Path,
                                                                           mimic_shards: Path) -> None:
     manifest = json.loads((mimic_shards / "manifest.json").read_text())
