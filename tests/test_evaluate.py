@@ -188,6 +188,8 @@ def test_bad_input_is_one_line_and_writes_nothing(cnn_run: Path, nih_pack: Path,
          f"error: {pneumonia}/manifest.json: label_names share no label with the run's"),
         (["--run", str(run), "--shards", str(tmp_path / "nowhere")],
          f"error: {tmp_path / 'nowhere'}/manifest.json: missing"),
+        (["--run", str(run), "--shards", str(nih_pack), "--out", str(run)],
+         f"error: --out {run}: a folder that is not an external result"),
     ]
     result = cli(*cases[0][0])  # the exit status of the command itself; the others in this process
     assert result.returncode == 2 and result.stderr.startswith(cases[0][1]), result.stderr[-2000:]
@@ -197,6 +199,7 @@ def test_bad_input_is_one_line_and_writes_nothing(cnn_run: Path, nih_pack: Path,
         stderr = capsys.readouterr().err
         assert len(stderr.strip().splitlines()) == 1 and stderr.startswith(start), stderr
     assert not (run / "external").exists() and not (no_best / "external").exists()
+    assert (run / "config.yaml").is_file() and (run / "best" / "model.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +216,8 @@ def vit_run(cnn_run: Path, learn_shards: Path, tmp_path_factory: pytest.TempPath
     torch.manual_seed(0)
     model = build_model(config.model, num_classes=len(COMPETITION5), image_size=config.data.image_size)
     rundir.write_config(run, config)
-    rundir.export_best(run, model.state_dict(), config, {"labels": list(COMPETITION5), "family": "vit"})
+    rundir.export_best(run, model.state_dict(), config, {"labels": list(COMPETITION5), "family": "vit",
+                                                                  "step": 0})
     out, _ = evaluate_external(EvaluateOptions(run, learn_shards, out=run / "internal"))
     shutil.move(out / "predictions_test.npz", rundir.predictions_path(run, "test"))
     shutil.rmtree(out)
@@ -230,6 +234,8 @@ def test_report_shows_the_external_table_with_cis_drop_and_the_paired_comparison
     broken = runs / "cnn" / "external" / "damaged"
     shutil.copytree(runs / "cnn" / "external" / "nih", broken)
     (broken / "predictions_test.npz").unlink()
+    scored = runs / "vit" / "external" / "nih" / "external.json"  # as if best/ changed since it was scored
+    scored.write_text(json.dumps(json.loads(scored.read_text()) | {"best_step": -1}))
     out = tmp_path / "report"
     result = subprocess.run([sys.executable, "-m", "trainer.report", "--runs", str(runs), "--out", str(out),
                              "--resamples", "100"], capture_output=True, text=True, cwd=ROOT, timeout=300,
@@ -269,6 +275,9 @@ def test_report_shows_the_external_table_with_cis_drop_and_the_paired_comparison
     assert "Pleural Effusion (= Effusion)" in line and line.count("[") == 2
     assert f"{rows['Pleural Effusion']['drop']:+.3f}" in line
     assert "left out (no same-meaning label in the pack): Consolidation" in markdown
+    assert not cnn["stale"] and results[("vit", "nih")]["stale"]
+    assert "vit on nih: left out (no same-meaning label in the pack): Consolidation — ⚠ scored best/ of " \
+        "step -1" in markdown
     assert "External validation" in (out / "index.html").read_text()
 
 

@@ -99,6 +99,10 @@ def evaluate_external(options: EvaluateOptions) -> tuple[Path, dict]:
     if not (run_dir / rundir.BEST).is_dir():
         raise EvaluateError(f"--run {run_dir}: no {rundir.BEST}/ (the run exports its model at its first "
                             "validation)")
+    out = output_dir(options)
+    if out.is_dir() and not (out / rundir.EXTERNAL_RECORD).is_file() and any(out.iterdir()):
+        raise EvaluateError(f"--out {out}: a folder that is not an external result (no "
+                            f"{rundir.EXTERNAL_RECORD}): refusing to replace it")
     try:
         manifest = load_manifest(shards)
     except DataError as err:
@@ -120,7 +124,6 @@ def evaluate_external(options: EvaluateOptions) -> tuple[Path, dict]:
                             f"{data.views} (the run's data.views)")
     names = tuple(source for source, _ in pairs)
     metrics = multilabel_metrics(names, predictions)
-    out = output_dir(options)
     record = {"split": options.split, "dataset": out.name, "shards": str(shards.resolve()),
               "skipped": skipped, **metrics}
     info = {

@@ -59,7 +59,8 @@ def result_rows(run: RunData, external: External, settings: Settings) -> dict:
     internal_labels = [label for label in external.predictions.labels if label in run.test.labels]
     both = [label for label in defined(external.predictions) if label in defined(run.test)]
     rows = []
-    for index, label in enumerate([*external.predictions.labels, MACRO]):
+    macro = [MACRO] if len(external.predictions.labels) > 1 else []
+    for index, label in enumerate([*external.predictions.labels, *macro]):
         labels = both if label == MACRO else [label]
         if not labels:
             continue
@@ -75,8 +76,14 @@ def result_rows(run: RunData, external: External, settings: Settings) -> dict:
         "pack": info.get("dataset"), "shards": info.get("shards"), "split": info["split"],
         "n": len(external.predictions.keys), "n_patients": len(np.unique(external.predictions.patients)),
         "mapping": info["labels"], "left_out": info.get("left_out", []), "policy": info.get("policy"),
+        "best_step": info.get("best_step"), "stale": _stale(info.get("best_step"), run.card.get("step")),
         "rows": rows,
     }
+
+
+def _stale(scored: object, now: object) -> bool:
+    """Whether best/ has changed since it was scored (the run trained on and exported again)."""
+    return scored is not None and now is not None and scored != now
 
 
 def external_validation(runs: list[RunData], settings: Settings) -> dict:

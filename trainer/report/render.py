@@ -214,7 +214,10 @@ def _external(external: dict) -> list[str]:
     lines += _table(["run", "model", "external pack", "label", "n", "external AUROC [95% CI]",
                      "internal test AUROC [95% CI]", "drop"], rows)
     lines += [f"- {r['run']} on {r['dataset']}: left out (no same-meaning label in the pack): "
-              f"{', '.join(r['left_out']) or 'none'}" for r in external["results"]] + [""]
+              f"{', '.join(r['left_out']) or 'none'}"
+              + (f" — ⚠ scored best/ of step {r['best_step']}, exported again since: re-run "
+                 "trainer.evaluate" if r.get("stale") else "")
+              for r in external["results"]] + [""]
     lines += ["### CNN vs ViT on each external pack", "",
               "Δ = second − first on the same external images; p: paired patient bootstrap, as for "
               "the internal test.", ""]
