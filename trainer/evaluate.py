@@ -110,6 +110,7 @@ def evaluate_external(options: EvaluateOptions) -> tuple[Path, dict]:
     if options.split not in manifest.data["splits"]:
         raise EvaluateError(f"--split {options.split}: {shards / MANIFEST} has no such split (it has "
                             f"{', '.join(manifest.data['splits'])})")
+    device = resolve_device(options.device)
     try:
         loaded = load_best_model(run_dir, shards)
     except ExplainError as err:
@@ -117,7 +118,6 @@ def evaluate_external(options: EvaluateOptions) -> tuple[Path, dict]:
     pairs, left_out = label_mapping(loaded.labels, manifest.label_names, shards / MANIFEST)
     data = loaded.config.data
     policy = target_policy(data.uncertain, data.blank, pairs)
-    device = resolve_device(options.device)
     predictions, skipped = predict(loaded, shards, options, pairs, policy, device)
     if not len(predictions.keys):
         raise EvaluateError(f"--shards {shards}: split {options.split!r} has no sample with views="
@@ -151,7 +151,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise EvaluateError(f"--device {name}: torch sees no CUDA device here")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise EvaluateError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
 
 
 def predict(loaded: LoadedRun, shards: Path, options: EvaluateOptions, pairs: Sequence[tuple[str, str]],
@@ -167,6 +170,8 @@ def predict(loaded: LoadedRun, shards: Path, options: EvaluateOptions, pairs: Se
     config = stream_config(loaded.config, loaded.model, options.split, pin_memory=device.type == "cuda")
     config = replace(config, shards=shards, labels=tuple(target for _, target in pairs), policy=policy,
                      workers=options.workers, batch_size=options.batch_size or config.batch_size)
+    if device.type != "cuda":  # a GPU run's decode on the GPU (nvJPEG) becomes the CPU's, same pixels
+        config = replace(config, decode_device="cpu", warp_on="worker")
     columns = [loaded.labels.index(source) for source, _ in pairs]
     model = loaded.model.to(device).eval()
     stream = eval_stream(config)
