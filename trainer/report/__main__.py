@@ -16,7 +16,7 @@ from pathlib import Path
 from shards.atomic import write_json, write_text
 from trainer import rundir
 from trainer.config import Config
-from trainer.report import figures, recipes, seeds
+from trainer.report import external, figures, recipes, seeds
 from trainer.report.analysis import ANCHORS, Settings, compare, pairs, run_metrics
 from trainer.report.render import render_html, render_markdown
 from trainer.report.runs import RunData, find_runs, load_run, load_sweep
@@ -87,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_text(args.out / "index.html", render_html(markdown, "cxrbench report"))
     print(
         f"report: {len(runs)} runs, {len(summary['pairs'])} paired comparisons, "
+        f"{len(summary['external']['results'])} external results, "
         f"{len(summary['figures'])} figures, {len(skipped)} skipped → {args.out / 'index.html'}"
     )
     return 0
@@ -166,6 +167,7 @@ def build(
         "pairs": compared,
         "seed_groups": [seeds.describe(group, by_name, primary) for group in groups],
         "seed_comparisons": seed_comparisons,
+        "external": external.external_validation(runs, settings),
         "tuning_budget": recipes.tuning_budget((run.family, cards[run.name], run.config.run.tuning)
                                                for run in runs),
         "sweeps": [{"path": str(s), "trials": len(load_sweep(s))} for s in sweeps],
