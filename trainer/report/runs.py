@@ -29,6 +29,9 @@ class RunData:
     card: dict = field(default_factory=dict)
     architecture: str = "cnn"
     """trainer.models.model_family of the trained model: cnn, vit or swin."""
+    localizations: dict[str, dict] = field(default_factory=dict)
+    """RUN/localization/*.json: heatmaps scored against radiologists' ground truth (trainer.explain)."""
+    localization_problems: list[str] = field(default_factory=list)
 
     @property
     def model(self) -> str:
@@ -90,7 +93,9 @@ def load_run(path: Path, name: str) -> RunData:
     val_file = rundir.predictions_path(path, "val")
     val = rundir.read_predictions(val_file) if val_file.is_file() else None
     card = rundir.read_card(path)
-    return RunData(name, path, config, records, test, val, card, architecture(card, config))
+    localizations, problems = rundir.read_localizations(path)
+    return RunData(name, path, config, records, test, val, card, architecture(card, config),
+                   localizations, problems)
 
 
 def architecture(card: dict, config: Config) -> str:
