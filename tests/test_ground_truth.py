@@ -78,9 +78,12 @@ def test_annotations_at_another_resolution_cover_the_pixels_computed_by_hand() -
     expected = np.zeros((96, 96), bool)
     expected[24:48, 24:48] = True
     assert np.array_equal(polygon.mask(96), expected)
-    # The same region as CheXlocalize's RLE gives the same pixels.
+    # The same region as CheXlocalize's RLE, and as a box [600, 1200) × [500, 1000), gives the same
+    # pixels: 600 ≤ 25 (j + ½) < 1200 ⇔ j ∈ 24..47; 500 ≤ 20.83 (i + ½) < 1000 ⇔ i ∈ 24..47.
     runs = rle.parse(rle.encode(full))[2]
     assert np.array_equal(Region("p", "Cardiomegaly", 2000, 2400, runs=runs).mask(96), expected)
+    assert np.array_equal(Region("p", "Cardiomegaly", 2000, 2400, boxes=((600, 500, 600, 500),)).mask(96),
+                          expected)
     assert Region("p", "Edema", 4, 4, runs=np.array([16])).empty() and not polygon.empty()
 
 
@@ -176,7 +179,7 @@ def test_files_are_told_apart_by_content_and_malformed_ones_refused(tmp_path: Pa
                "k2": "images_003/images/00013118_008.png"}
     matched = match(segmentations, sources, list(CHEXPERT_LABELS))
     assert list(matched.wanted) == ["k1"] and list(matched.wanted["k1"]) == ["Lung Opacity"]
-    assert matched.empty == 9 and matched.not_in_pack == []
+    assert matched.empty == 9 and matched.not_in_pack == [] and (matched.images, matched.found) == (1, 1)
     on_competition5 = match(boxes, sources, list(COMPETITION5))
     assert list(on_competition5.wanted["k2"]) == ["Atelectasis"]
     assert on_competition5.unknown_findings == {"Infiltrate": 1}
@@ -325,9 +328,10 @@ def test_explain_scores_every_format_against_the_synthetic_lesions(cnn_run: Path
     exact = segmentations["scores"]["cnn"]["gradcam"]
     assert set(exact) == {label for label in COMPETITION5 if synthetic[label]["n"]}
     for label, cell in exact.items():
-        assert cell["n"] == synthetic[label]["n"] and cell["random_point"] == synthetic[label]["random_point"]
+        assert cell["n"] == synthetic[label]["n"], label
+        assert cell["random_point"] == synthetic[label]["random_pointing"], label
         assert abs(cell["hit_rate"] - synthetic[label]["pointing_game"]) <= 1 / cell["n"] + 1e-9, label
-        assert cell["n_iou"] == cell["n"] and 0 < cell["miou"] <= 1
+        assert 0 < cell["n_iou"] <= cell["n"] and 0 <= cell["miou"] <= 1, "a flat Grad-CAM has no IoU"
     # Bounding boxes as CheXlocalize polygons (2×) and as NIH boxes (1024 px) cover the same pixels.
     nih = boxes["scores"]["cnn"]["gradcam"]
     assert set(nih) == {"Atelectasis", "Cardiomegaly", "Pleural Effusion"} & set(exact)
@@ -339,6 +343,7 @@ def test_explain_scores_every_format_against_the_synthetic_lesions(cnn_run: Path
     coverage = segmentations["runs"]["cnn"]
     assert coverage["not_in_pack"] == {"count": 1, "examples": ["patient99999_study1_view1_frontal"]}
     assert coverage["not_positive"] == 0 and coverage["ambiguous"]["count"] == 0
+    assert coverage["images_in_pack"] == coverage["images_with_regions"] - 1 >= coverage["images_scored"] > 0
     assert set(coverage["unknown_findings"]) <= {"Airspace Opacity", "Lung Lesion", "Pneumothorax",
                                                  "Enlarged Cardiomediastinum", "Support Devices"}
     assert boxes["runs"]["cnn"]["not_in_pack"]["count"] == 1

@@ -257,6 +257,8 @@ class Matched:
     """Pack key → run label → its non-empty regions (several: one union, e.g. two spellings)."""
     images: int
     """Images in the file with at least one non-empty region."""
+    found: int
+    """Of those, the images one sample of the split has."""
     not_in_pack: list[str]
     ambiguous: list[str]
     """Ids that several of the split's samples share (never scored)."""
@@ -274,18 +276,18 @@ def match(truth: GroundTruth, sources: dict[str, str], labels: list[str]) -> Mat
         if image_id is not None:
             keys_by_id.setdefault(image_id, []).append(key)
     wanted: dict[str, dict[str, list[Region]]] = {}
-    not_in_pack, ambiguous, unknown = set(), set(), {}
+    not_in_pack, ambiguous, found, unknown = set(), set(), set(), {}
     drawn = [region for region in truth.regions if not region.empty()]
     for region in drawn:
-        label = resolve_finding(region.finding, labels)
         keys = keys_by_id.get(truth.id_key(region.image), [])
-        if not keys:
-            not_in_pack.add(region.image)
-        elif len(keys) > 1:
-            ambiguous.add(region.image)
-        elif label is None:
+        if len(keys) != 1:  # not in the split, or two of its samples: never guessed
+            (ambiguous if keys else not_in_pack).add(region.image)
+            continue
+        found.add(region.image)
+        label = resolve_finding(region.finding, labels)
+        if label is None:
             unknown[region.finding] = unknown.get(region.finding, 0) + 1
         else:
             wanted.setdefault(keys[0], {}).setdefault(label, []).append(region)
-    return Matched(truth, wanted, len({r.image for r in drawn}), sorted(not_in_pack), sorted(ambiguous),
-                   dict(sorted(unknown.items())), len(truth.regions) - len(drawn))
+    return Matched(truth, wanted, len({r.image for r in drawn}), len(found), sorted(not_in_pack),
+                   sorted(ambiguous), dict(sorted(unknown.items())), len(truth.regions) - len(drawn))

@@ -172,7 +172,7 @@ def run_ground_truth(truths: list[GroundTruth], runs: list[LoadedRun], configs: 
             entry["runs"][run.name] = {
                 "shards": str(config.shards), "image_size": config.image_size,
                 "images_with_regions": file.images, "empty_regions": file.empty,
-                "matched_images": len(file.wanted),
+                "images_in_pack": file.found, "images_scored": len(file.wanted),
                 "not_in_pack": _listed(file.not_in_pack), "ambiguous": _listed(file.ambiguous),
                 "unknown_findings": file.unknown_findings, **asdict(file_coverage),
             }
@@ -213,8 +213,8 @@ def markdown(split: str, threshold: object, entries: list[dict]) -> str:
         lines.append("")
         lines += [coverage_line(model, info) for model, info in entry["runs"].items()]
         lines.append("")
-        if entry["kind"].startswith("chexlocalize"):
-            lines += reference_lines(load_reference())
+    if any(entry["kind"].startswith("chexlocalize") for entry in entries):
+        lines += reference_lines(load_reference())
     return "\n".join(lines) + "\n"
 
 
@@ -223,8 +223,9 @@ def coverage_line(model: str, info: dict) -> str:
     missing = info["not_in_pack"]
     examples = f" (e.g. {', '.join(missing['examples'][:5])})" if missing["count"] else ""
     unknown = ", ".join(f"{name} ({count})" for name, count in info["unknown_findings"].items()) or "none"
-    return (f"- {model}: {info['matched_images']} of {info['images_with_regions']} annotated images are in "
-            f"the pack; not in it: {missing['count']}{examples}; shared by several samples: "
+    return (f"- {model}: {info['images_in_pack']} of {info['images_with_regions']} annotated images are in "
+            f"the pack, {info['images_scored']} with a region to score; not in it: "
+            f"{missing['count']}{examples}; shared by several samples: "
             f"{info['ambiguous']['count']}; findings no explained label names: {unknown}; regions where "
             f"the label is not positive: {info['not_positive']}; on samples the run's stream skips: "
             f"{info['not_streamed']}; lost at {info['image_size']} px: {info['vanished']}; empty "
