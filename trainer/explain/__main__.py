@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random share of samples")
     parser.add_argument("--workers", type=int, default=1, help="loader processes per stream")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.add_argument("--ground-truth", action="extend", nargs="+", type=Path, default=[],
+    parser.add_argument("--ground-truth", action="extend", nargs="+", type=Path, default=[], metavar="FILE",
                         help="radiologists' annotations to score every method against, told apart by "
                              "content: CheXlocalize gt_segmentations_*.json (COCO RLE) or "
                              "gt_annotations_*.json (polygons), or NIH BBox_List_2017.csv (boxes); "
