@@ -13,6 +13,8 @@ Training writes it; sweeps, explain, report and the launch scripts read it. Layo
                              external.json (pack, split, label mapping, left-out labels, policy),
                              metrics.jsonl (one record) and predictions_{split}.npz, as above but
                              holding only the labels the pack shares, under the run's names
+    localization/<name>.json heatmaps scored against radiologists' ground truth (trainer.explain
+                             --ground-truth): one file per ground-truth file and split
 
 A reader never re-derives what the writer knew: a patient comes from the predictions file, not
 from a key. Every file is written whole or not at all (shards/atomic.py). Problems with a run
@@ -46,6 +48,7 @@ PREEMPTED = "preempted.json"
 TENSORBOARD = "tb"
 EXTERNAL = "external"
 EXTERNAL_RECORD = "external.json"
+LOCALIZATION = "localization"
 TORCH_WEIGHT_FILES = ("model.pt", "model.pth", "pytorch_model.bin")
 """Accepted in best/ besides model.safetensors (exports from elsewhere), loaded tensors-only."""
 
@@ -386,6 +389,29 @@ def has_records(run_dir: Path) -> bool:
 def holds_run(path: Path) -> bool:
     """Whether `path` looks like a run directory (a run that started writes both files first)."""
     return (path / METRICS).is_file() or (path / CONFIG).is_file()
+
+
+# --- localization against ground truth (written by trainer.explain, read by trainer.report) ------
+
+
+def write_localization(run_dir: Path, name: str, payload: dict) -> None:
+    write_json(run_dir / LOCALIZATION / f"{name}.json", payload)
+
+
+def read_localizations(run_dir: Path) -> tuple[dict[str, dict], list[str]]:
+    """localization/*.json by name, and one line per file that is not a JSON object (skipped)."""
+    found, problems = {}, []
+    for path in sorted((run_dir / LOCALIZATION).glob("*.json")):
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            problems.append(f"{path}: unreadable ({_first_line(err)})")
+            continue
+        if isinstance(payload, dict) and isinstance(payload.get("scores"), dict):
+            found[path.stem] = payload
+        else:
+            problems.append(f"{path}: expected a JSON object with scores")
+    return found, problems
 
 
 def _first_line(err: BaseException) -> str:

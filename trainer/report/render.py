@@ -6,6 +6,7 @@ import html
 
 from markdown_it import MarkdownIt
 
+from trainer.explain import truth_tables
 from trainer.metrics import format_metric
 
 PNEUMONIA_METRICS = ("auroc/Pneumonia", "accuracy", "sensitivity", "specificity", "f1")
@@ -121,6 +122,7 @@ def render_markdown(summary: dict) -> str:
             "Not drawn: " + "; ".join(f"{f['caption']} ({f['missing']})" for f in summary["missing_figures"]),
             "",
         ]
+    lines += _localization(summary.get("localization") or {})
     lines += ["## Published anchors (other people's numbers, other data and protocols)", ""]
     lines += _table(
         ["dataset", "metric", "value", "model"],
@@ -130,6 +132,33 @@ def render_markdown(summary: dict) -> str:
         lines += ["## Skipped runs", ""]
         lines += [f"- `{s['path']}`: {s['reason']}" for s in summary["skipped"]] + [""]
     return "\n".join(lines)
+
+
+def _localization(section: dict) -> list[str]:
+    """Heatmaps against radiologists' ground truth (runs' localization/), CheXlocalize beside."""
+    entries = section.get("entries") or []
+    if not entries:
+        return []
+    lines = [
+        "## Localization against radiologists' ground truth",
+        "",
+        "From `python -m trainer.explain --ground-truth` (each run's `localization/`). Hit rate: the "
+        "heatmap's peak lies in the radiologists' region (pointing game); random point: the regions' mean "
+        "area share, what a uniformly random point hits; mIoU: the map binarized (Otsu unless stated), "
+        "over images where it is non-empty (n IoU). Scored: positive labels with a non-empty region.",
+        "",
+        *truth_tables.score_header(["run", "model", "ground truth"]),
+    ]
+    for entry in entries:
+        where = f"{entry['name']} ({entry['split']}, {entry['threshold']})"
+        lines += truth_tables.score_rows(entry["scores"] or {}, entry["pooled"] or {},
+                                         [entry["run"], entry["model"], where])
+    lines.append("")
+    if section.get("problems"):
+        lines += [f"Not read: {'; '.join(section['problems'])}", ""]
+    if section.get("reference"):
+        lines += truth_tables.reference_lines(section["reference"])
+    return lines
 
 
 def _replicates(groups: list[dict], comparisons: list[dict]) -> list[str]:

@@ -35,6 +35,9 @@ class RunData:
     """best/ scored on other packs (RUN/external/<pack>/), by pack name."""
     external_skipped: list[dict] = field(default_factory=list)
     """External folders that could not be read: {path, reason}."""
+    localizations: dict[str, dict] = field(default_factory=dict)
+    """RUN/localization/*.json: heatmaps scored against radiologists' ground truth (trainer.explain)."""
+    localization_problems: list[str] = field(default_factory=list)
 
     @property
     def model(self) -> str:
@@ -97,7 +100,10 @@ def load_run(path: Path, name: str) -> RunData:
     val = rundir.read_predictions(val_file) if val_file.is_file() else None
     card = rundir.read_card(path)
     external, broken = rundir.read_externals(path)
-    return RunData(name, path, config, records, test, val, card, architecture(card, config), external, broken)
+    localizations, problems = rundir.read_localizations(path)
+    return RunData(name, path, config, records, test, val, card, architecture(card, config),
+                   external=external, external_skipped=broken, localizations=localizations,
+                   localization_problems=problems)
 
 
 def architecture(card: dict, config: Config) -> str:
