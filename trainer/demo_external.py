@@ -13,6 +13,8 @@ sample, not of dataset). `--target LAYOUT` (repeatable) asks for layouts by name
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,17 +72,25 @@ def _target(layout: str) -> Target:
 
 
 def prepare_target(out: Path, target: Target, patients: int) -> Path:
-    """Generate (unless already there) and pack one target; the pack's folder."""
-    from shards.pack import PackOptions, pack  # noqa: PLC0415
-    from shards.synth.__main__ import main as synth  # noqa: PLC0415 - the CLI: any layout, one call
+    """Generate (unless already there) and pack one target; the pack's folder.
 
+    Both run as their own commands: their worker pools fork, and a fork of this process (torch's
+    threads already running after training) can deadlock in the child.
+    """
     source, shards = out / "external" / "source" / target.name, out / "external" / target.name
     if not source.is_dir() or not any(not p.name.startswith(".") for p in source.iterdir()):
         extra = [arg.format(quarter=max(2, patients // 4)) for arg in SYNTH_EXTRA.get(target.layout, [])]
-        synth(["--layout", target.layout, "--out", str(source), "--patients", str(patients), "--size", "128",
-               "--seed", str(target.seed), "--workers", "2", *extra])
-    pack(PackOptions(layout=target.layout, root=source, out=shards, size=96, shard_samples=128, workers=2))
+        _command(["shards.synth", "--layout", target.layout, "--out", str(source), "--patients",
+                  str(patients), "--size", "128", "--seed", str(target.seed), "--workers", "2", *extra])
+    _command(["shards.pack", "--layout", target.layout, "--root", str(source), "--out", str(shards),
+              "--size", "96", "--shard-samples", "128", "--workers", "2", "--overwrite"])
     return shards
+
+
+def _command(args: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", *args], check=False)
+    if done.returncode != 0:
+        raise DataError(f"python -m {' '.join(args)} failed (exit {done.returncode})")
 
 
 def validate(out: Path, runs: Sequence[Path], targets: Sequence[Target], patients: int) -> None:
