@@ -84,7 +84,7 @@ def format_raw_label(value: RawLabel) -> str:
 
 
 def resolve_label_set(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """A preset name (chexpert14, competition5, pneumonia) or an explicit list of label names."""
+    """A preset name (chexpert14, competition5, pneumonia, nih14, mimic14) or a list of label names."""
     if isinstance(spec, str):
         if spec not in LABEL_SETS:
             raise ValueError(f"unknown label set {spec!r} (expected one of {sorted(LABEL_SETS)} or a list)")

@@ -1,9 +1,10 @@
 """Lesion masks as stored on disk and in shards: one 16-bit PNG whose bits name the findings.
 
 Bit i of a pixel is set where the dataset's label i (in the manifest's `label_names` order:
-CheXpert's 14 columns, or `Pneumonia` alone) was drawn at full strength, so one file gives
-per-label ground truth and `value != 0` is the union. An 8-bit PNG is a union mask (0/255) that
-cannot tell findings apart (hand-drawn or legacy masks): every label sees the union.
+CheXpert's and MIMIC's 14 columns, NIH's 14 findings then `No Finding`, or `Pneumonia` alone) was
+drawn at full strength, so one file gives per-label ground truth and `value != 0` is the union.
+An 8-bit PNG is a union mask (0/255) that cannot tell findings apart (hand-drawn or legacy masks):
+every label sees the union.
 
 Torch-free: the pack workers and the stream's loader workers both use it.
 """

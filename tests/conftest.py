@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from shards.pack import PackOptions, pack
-from shards.synth import ChexpertOptions, PneumoniaOptions, generate_chexpert, generate_pneumonia
+from shards.synth import (
+    ChexpertOptions,
+    MimicOptions,
+    NihOptions,
+    PneumoniaOptions,
+    generate_chexpert,
+    generate_mimic,
+    generate_nih,
+    generate_pneumonia,
+)
 
 SIZE = 96
 """Small images keep the suite fast; every code path is the same at 320 px."""
@@ -46,6 +55,39 @@ def chexpert_shards(chexpert_root: Path, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="session")
 def pneumonia_shards(pneumonia_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _pack("pneumonia", pneumonia_root, tmp_path_factory.mktemp("pneumonia-shards"))
+
+
+NIH_FOLDER_IMAGES = 40
+"""Images per images_NNN/ folder in the NIH fixture (10,000 in the download): several folders."""
+
+
+@pytest.fixture(scope="session")
+def nih_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic NIH ChestX-ray14 (Kaggle flavour) at 64 px: 40 patients, ~100 images in 3
+    images_NNN/ folders, 8 test patients; BBox_List_2017.csv boxes every boxed finding drawn on a
+    test image (about a third of them)."""
+    root = tmp_path_factory.mktemp("nih-src")
+    generate_nih(NihOptions(out=root, patients=40, size=64, seed=7, folder_images=NIH_FOLDER_IMAGES,
+                            box_fraction=1.0))
+    return root
+
+
+@pytest.fixture(scope="session")
+def mimic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic MIMIC-CXR-JPG 2.0.0 at 64 px: 32 subjects, ~110 images (4 test, 4 validate subjects)."""
+    root = tmp_path_factory.mktemp("mimic-src")
+    generate_mimic(MimicOptions(out=root, patients=32, size=64, seed=7))
+    return root
+
+
+@pytest.fixture(scope="session")
+def nih_shards(nih_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _pack("nih", nih_root, tmp_path_factory.mktemp("nih-shards"))
+
+
+@pytest.fixture(scope="session")
+def mimic_shards(mimic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _pack("mimic", mimic_root, tmp_path_factory.mktemp("mimic-shards"))
 
 
 # A larger synthetic CheXpert (400 patients) where a tiny model has something to learn: the

@@ -35,7 +35,7 @@ class DataConfig:
     shards: str = ""
     """Directory written by `python -m shards.pack` (holds manifest.json)."""
     labels: str | list[str] = "chexpert14"
-    """chexpert14, competition5, pneumonia, or a list of label names."""
+    """chexpert14, competition5, pneumonia, nih14, mimic14, or a list of label names."""
     image_size: int = 224
     batch_size: int = 32
     """Per process; the global batch is batch_size × processes × optim.grad_accum."""

@@ -5,6 +5,9 @@ and a tiny ViT trained on the competition-5 labels → test AUROC per label, sid
 TensorBoard logs under <out>/runs → the report (<out>/report/index.html and index.md: per-label
 AUROC with patient-bootstrap CIs, the paired CNN-vs-ViT test, calibration, figures). Re-running
 reuses the data and retrains.
+
+`--external` also validates both runs on other synthetic packs before the report (external
+validation: trainer/demo_external.py says which packs), and the report gains that table.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from shards.synth import ChexpertOptions, generate_chexpert
 from shards.synth.chexpert import DATASET_DIR
 from trainer.config import ConfigError, load_config
 from trainer.engine import train
+from trainer.evaluate import EvaluateError
 from trainer.metrics import format_metric
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -34,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("demo"), help="working folder (default demo/)")
     parser.add_argument("--patients", type=int, default=400, help="synthetic train patients (default 400)")
     parser.add_argument("--epochs", type=int, default=None, help="override both configs' epochs")
+    parser.add_argument("--external", action="store_true",
+                        help="also score both runs on other synthetic packs (NIH/MIMIC layouts where this "
+                             "checkout has them, else CheXpert drawn with another seed) and report it")
+    parser.add_argument("--target", action="append", default=None, metavar="LAYOUT",
+                        help="with --external: a layout to validate on (repeatable; default: see above)")
     return parser
 
 
@@ -47,6 +56,11 @@ def prepare_data(out: Path, patients: int) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    targets = []
+    if args.external or args.target:
+        from trainer.demo_external import external_targets  # noqa: PLC0415
+
+        targets = external_targets(args.target)  # an unknown layout stops here, before training
     shards = prepare_data(args.out, args.patients)
     results = {}
     for short, config_name in MODELS.items():
@@ -61,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[short] = (config.model.name, train(config), time.perf_counter() - started)
     print_comparison(results)
     print(f"\nTensorBoard: .venv/bin/tensorboard --logdir {args.out / 'runs'} --host 127.0.0.1")
+    if targets:
+        from trainer.demo_external import validate  # noqa: PLC0415
+
+        validate(args.out, [args.out / "runs" / short for short in MODELS], targets, args.patients)
     # The paper-style comparison of the two runs: CIs, the paired test, calibration, figures.
     from trainer.report.__main__ import main as report  # noqa: PLC0415 - matplotlib only at the end
 
@@ -84,7 +102,7 @@ def print_comparison(results: dict[str, tuple[str, dict, float]]) -> None:
 if __name__ == "__main__":
     try:
         code = main()
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, EvaluateError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
     from trainer.engine import finish

@@ -9,6 +9,12 @@ Training writes it; sweeps, explain, report and the launch scripts read it. Layo
     checkpoints/step-N/      resumable state (trainer/checkpoint.py owns what is inside)
     preempted.json           present while a preempted run waits to be requeued
     tb/                      TensorBoard event files
+    external/<pack>/         best/ scored on another pack (`python -m trainer.evaluate`):
+                             external.json (pack, split, label mapping, left-out labels, policy),
+                             metrics.jsonl (one record) and predictions_{split}.npz, as above but
+                             holding only the labels the pack shares, under the run's names
+    localization/<name>.json heatmaps scored against radiologists' ground truth (trainer.explain
+                             --ground-truth): one file per ground-truth file and split
 
 A reader never re-derives what the writer knew: a patient comes from the predictions file, not
 from a key. Every file is written whole or not at all (shards/atomic.py). Problems with a run
@@ -40,6 +46,9 @@ CARD = "model_card.json"
 CHECKPOINTS = "checkpoints"
 PREEMPTED = "preempted.json"
 TENSORBOARD = "tb"
+EXTERNAL = "external"
+EXTERNAL_RECORD = "external.json"
+LOCALIZATION = "localization"
 TORCH_WEIGHT_FILES = ("model.pt", "model.pth", "pytorch_model.bin")
 """Accepted in best/ besides model.safetensors (exports from elsewhere), loaded tensors-only."""
 
@@ -296,6 +305,71 @@ def read_best_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     raise RunDirError(f"{best}: no {WEIGHTS} (was the run trained to its first validation?)")
 
 
+# --- external/<pack>/: best/ on another dataset ---------------------------------------------------
+
+
+def external_dir(run_dir: Path, name: str) -> Path:
+    return run_dir / EXTERNAL / name
+
+
+def write_external(directory: Path, info: dict, record: dict, predictions: Predictions) -> None:
+    """One external evaluation, swapped in as a whole directory (a crash leaves the previous one or
+    none): `info` (external.json: at least the split), the metrics `record`, the predictions."""
+    with replacing_dir(directory) as temp:
+        write_json(temp / EXTERNAL_RECORD, info)
+        append_record(temp, record)
+        write_predictions(temp, info["split"], predictions)
+
+
+@dataclass
+class External:
+    """One `external/<name>/` of a run, read back."""
+
+    name: str
+    path: Path
+    info: dict
+    """external.json: run, shards, dataset, split, labels (run → target pairs), left_out, policy."""
+    record: dict
+    predictions: Predictions
+    """Only the shared labels, named as the run names them."""
+
+
+def read_externals(run_dir: Path) -> tuple[list[External], list[dict]]:
+    """Every external evaluation of a run (by name), and the broken ones as {path, reason}: a
+    damaged one never hides the run or the others."""
+    found, broken = [], []
+    root = run_dir / EXTERNAL
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if root.is_dir() else []:
+        try:
+            found.append(read_external(path))
+        except RunDirError as err:
+            broken.append({"path": str(path), "reason": str(err)})
+    return found, broken
+
+
+def read_external(path: Path) -> External:
+    info_path = path / EXTERNAL_RECORD
+    if not info_path.is_file():
+        raise RunDirError(f"{EXTERNAL_RECORD} missing")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise RunDirError(f"{EXTERNAL_RECORD}: not JSON") from None
+    if not isinstance(info, dict) or not isinstance(info.get("split"), str) \
+            or not isinstance(info.get("labels"), list):
+        raise RunDirError(f"{EXTERNAL_RECORD}: expected an object with a split and labels")
+    records = read_records(path)
+    if not records:
+        raise RunDirError(f"{METRICS}: no record")
+    predictions = read_predictions(predictions_path(path, info["split"]))
+    shared = tuple(pair.get("run") for pair in info["labels"] if isinstance(pair, dict))
+    if predictions.labels != shared:
+        raise RunDirError(f"{predictions_path(path, info['split']).name}: labels {list(predictions.labels)} "
+                          f"differ from {EXTERNAL_RECORD}'s {list(shared)}")
+    return External(path.name, path, info, records[-1], predictions)
+
+
 # --- preemption marker ---------------------------------------------------------------------------
 
 
@@ -315,6 +389,29 @@ def has_records(run_dir: Path) -> bool:
 def holds_run(path: Path) -> bool:
     """Whether `path` looks like a run directory (a run that started writes both files first)."""
     return (path / METRICS).is_file() or (path / CONFIG).is_file()
+
+
+# --- localization against ground truth (written by trainer.explain, read by trainer.report) ------
+
+
+def write_localization(run_dir: Path, name: str, payload: dict) -> None:
+    write_json(run_dir / LOCALIZATION / f"{name}.json", payload)
+
+
+def read_localizations(run_dir: Path) -> tuple[dict[str, dict], list[str]]:
+    """localization/*.json by name, and one line per file that is not a JSON object (skipped)."""
+    found, problems = {}, []
+    for path in sorted((run_dir / LOCALIZATION).glob("*.json")):
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            problems.append(f"{path}: unreadable ({_first_line(err)})")
+            continue
+        if isinstance(payload, dict) and isinstance(payload.get("scores"), dict):
+            found[path.stem] = payload
+        else:
+            problems.append(f"{path}: expected a JSON object with scores")
+    return found, problems
 
 
 def _first_line(err: BaseException) -> str:

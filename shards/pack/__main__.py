@@ -1,4 +1,4 @@
-"""Pack a CheXpert or Kaggle-pneumonia tree into WebDataset tar shards (`python -m shards.pack`).
+"""Pack a CheXpert, Kaggle-pneumonia, NIH ChestX-ray14 or MIMIC-CXR-JPG tree into tar shards.
 
 The command line only: options in, `PackOptions` out, the job itself in `shards.pack.job`.
 """
@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shards.pack", description=__doc__.splitlines()[0])
     parser.add_argument("--layout", required=True, choices=LAYOUTS)
     parser.add_argument("--root", required=True, type=Path,
-                        help="folder holding CheXpert-v1.0-small/ (or CheXpert-v1.0/) or chest_xray/")
+                        help="folder holding CheXpert-v1.0-small/ (or CheXpert-v1.0/), chest_xray/, "
+                             "NIH's Data_Entry_2017*.csv (or a folder with it) or mimic-cxr-jpg/<version>/")
     parser.add_argument("--out", required=True, type=Path, help="shard directory to write")
     parser.add_argument("--size", type=int, default=320, help="shorter side in pixels (default 320)")
     parser.add_argument("--format", dest="fmt", choices=IMAGE_FORMATS, default="jpg",

@@ -1,4 +1,4 @@
-"""Pack a CheXpert or Kaggle-pneumonia tree into WebDataset tar shards: the whole job, resumable.
+"""Pack a CheXpert, Kaggle-pneumonia, NIH or MIMIC tree into WebDataset tar shards, resumably.
 
 Flow: read records (sources) → split by patient (split) → order each split by a hash of the key
 (so every shard mixes patients and labels) → encode images in parallel, in order → write shards

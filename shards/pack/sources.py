@@ -1,8 +1,11 @@
-"""Read CheXpert and Kaggle-pneumonia trees, exactly as users have them on disk, into records.
+"""Read CheXpert, Kaggle-pneumonia, NIH ChestX-ray14 and MIMIC-CXR-JPG trees, exactly as users have
+them on disk, into records (NIH and MIMIC readers: `shards.pack.nih`, `shards.pack.mimic`).
 
 A wholly wrong root fails at once with one line (DataError). A bad row or file is not fatal:
 it becomes a Reject (kept, with its reason, for rejects.jsonl) and reading goes on.
-Image files are not opened here; a missing or corrupt image is found when packing.
+Image files are not opened here; a missing or corrupt image is found when packing (the NIH and
+MIMIC readers list their image folders, so they also reject rows without an image, and images
+without a row, at once).
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from shards.labels import (
     parse_raw_label,
 )
 
-Layout = Literal["chexpert", "pneumonia"]
-LAYOUTS: tuple[str, ...] = ("chexpert", "pneumonia")
+Layout = Literal["chexpert", "pneumonia", "nih", "mimic"]
+LAYOUTS: tuple[str, ...] = ("chexpert", "pneumonia", "nih", "mimic")
 
 CHEXPERT_DIRS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -88,18 +91,23 @@ class SourceData:
 
     layout: Layout
     dataset_dir: Path
-    """CheXpert-v1.0-small/, CheXpert-v1.0/ or chest_xray/."""
+    """CheXpert-v1.0-small/, CheXpert-v1.0/, chest_xray/, the folder holding NIH's Data_Entry CSV,
+    or MIMIC's mimic-cxr-jpg/<version>/."""
     label_names: tuple[str, ...]
     train_pool: list[Record]
     """Patients that split.py divides into train and val."""
     test: list[Record]
-    """The source's own held-out set: CheXpert valid.csv, Kaggle test/."""
+    """The source's own held-out set: CheXpert valid.csv, Kaggle test/, NIH test_list.txt, MIMIC's
+    split `test`."""
     rejects: list[Reject]
+    base: Path | None = None
+    """The folder record relpaths start from: dataset_dir's parent unless set (MIMIC's
+    mimic-cxr-jpg/<version>/ is two levels below it)."""
 
     @property
     def mask_root(self) -> Path:
-        """shards.synth writes masks to <root>/masks/<relpath>.png; real data has none."""
-        return self.dataset_dir.parent / "masks"
+        """shards.synth writes masks to <base>/masks/<relpath>.png; real data has none."""
+        return (self.base or self.dataset_dir.parent) / "masks"
 
 
 def _first_dataset_dir(root: Path, candidates: list[Path], holds_dataset: Callable[[Path], bool],
@@ -118,6 +126,14 @@ def read_source(layout: str, root: Path) -> SourceData:
         return read_chexpert(root)
     if layout == "pneumonia":
         return read_pneumonia(root)
+    if layout == "nih":
+        from shards.pack.nih import read_nih  # noqa: PLC0415 (nih builds on this module's records)
+
+        return read_nih(root)
+    if layout == "mimic":
+        from shards.pack.mimic import read_mimic  # noqa: PLC0415 (likewise)
+
+        return read_mimic(root)
     raise DataError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
 
 

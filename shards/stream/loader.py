@@ -75,7 +75,8 @@ class StreamConfig:
     batch_size: int = 32
     image_size: int = 224
     labels: str | tuple[str, ...] | None = None
-    """A preset (chexpert14, competition5, pneumonia), a list of names, or None: the manifest's."""
+    """A preset (chexpert14, competition5, pneumonia, nih14, mimic14), a list of names, or None: the
+    manifest's."""
     policy: LabelPolicy = field(default_factory=LabelPolicy)
     views: Literal["all", "frontal", "lateral"] = "all"
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import multiprocessing
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -13,6 +15,7 @@ from typing import TypeVar
 
 import numpy as np
 import simplejpeg
+from PIL import Image
 
 from shards.atomic import replacing
 from shards.errors import DataError
@@ -34,13 +37,27 @@ def write_image(root: Path, relpath: str, drawn: Drawn, quality: int = 90, rgb: 
 
     Returns whether a mask was written.
     """
-    path = root / relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
     pixels = drawn.pixels[:, :, None]
     if rgb:  # a few Kaggle files are 3-channel JPEGs; readers must cope
         data = simplejpeg.encode_jpeg(np.repeat(pixels, 3, axis=2), quality=quality, colorspace="RGB")
     else:
         data = simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=quality, colorspace="GRAY")
+    return _write_with_mask(root, relpath, data, drawn)
+
+
+def write_png(root: Path, relpath: str, drawn: Drawn, rgba: bool = False) -> bool:
+    """As `write_image`, as an 8-bit grayscale PNG (NIH's format), or RGBA (a few NIH files are)."""
+    pixels = drawn.pixels
+    if rgba:
+        pixels = np.dstack([pixels, pixels, pixels, np.full_like(pixels, 255)])
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return _write_with_mask(root, relpath, buffer.getvalue(), drawn)
+
+
+def _write_with_mask(root: Path, relpath: str, data: bytes, drawn: Drawn) -> bool:
+    path = root / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     if drawn.mask is None:
         return False
@@ -56,6 +73,19 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) 
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def write_csv_gz(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """`write_csv`, gzip-compressed with no timestamp or name in the header (same input, same bytes)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    buffer = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0) as handle:
+        handle.write(text.getvalue().encode("utf-8"))
+    with replacing(path) as temp:
+        temp.write_bytes(buffer.getvalue())
 
 
 @contextmanager

@@ -1,5 +1,6 @@
 """`python -m trainer.explain --run RUN [RUN ...] --shards DIR --split test [--n 32] [--labels ...]
-[--methods gradcam,gradcam++,rollout] --out DIR`: heatmaps, a gallery and localization scores."""
+[--methods gradcam,gradcam++,rollout] [--ground-truth FILE ...] [--threshold otsu|T] --out DIR`:
+heatmaps, a gallery and localization scores (against radiologists' annotations too)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,19 @@ def _names(values: list[str] | None) -> tuple[str, ...] | None:
     return tuple(dict.fromkeys(names))
 
 
+def _threshold(text: str) -> float | None:
+    """otsu → None (Otsu's method), else a number in [0, 1)."""
+    if text.lower() == "otsu":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected otsu or a number in [0, 1)") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected otsu or a number in [0, 1)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.explain",
@@ -50,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random share of samples")
     parser.add_argument("--workers", type=int, default=1, help="loader processes per stream")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--ground-truth", action="extend", nargs="+", type=Path, default=[], metavar="FILE",
+                        help="radiologists' annotations to score every method against, told apart by "
+                             "content: CheXlocalize gt_segmentations_*.json (COCO RLE) or "
+                             "gt_annotations_*.json (polygons), or NIH BBox_List_2017.csv (boxes); "
+                             "hit rate, mIoU and a random-point baseline per label")
+    parser.add_argument("--threshold", type=_threshold, default=None, metavar="otsu|T",
+                        help="how a heatmap is binarized for mIoU: otsu (default, as CheXlocalize) or "
+                             "a fraction T of its min-max range")
     return parser
 
 
@@ -66,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels=_names(args.labels), methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         device=args.device,
         batch_size=args.batch_size, steps=args.steps, seed=args.seed, workers=args.workers,
-        progress=args.progress)
+        progress=args.progress, ground_truth=tuple(args.ground_truth), threshold=args.threshold)
     try:
         scores = explain(options)
     except (ExplainError, ConfigError, DataError, ValueError) as err:
@@ -81,8 +103,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if total:
                 print(f"{model} {method}: pointing game {hits / total:.3f} (random point "
                       f"{chance / total:.3f}) over {total} positive samples with lesion masks")
+    if args.ground_truth:
+        _print_ground_truth(args.out)
     print(f"explain: wrote {args.out}/index.html and {args.out}/localization.json")
     return 0
+
+
+def _print_ground_truth(out: Path) -> None:
+    import json  # noqa: PLC0415
+
+    for entry in json.loads((out / "ground_truth.json").read_text())["files"]:
+        for model, methods in entry["pooled"].items():
+            for method, cell in methods.items():
+                print(f"{model} {method} vs {entry['path']}: hit rate {cell['hit_rate']} (random point "
+                      f"{cell['random_point']}), mIoU {cell['miou']} over n={cell['n']}")
+    print(f"explain: wrote {out}/ground_truth.json and {out}/ground_truth.md")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Outputs under OUT: `overlays/<model>/<method>/<label>/<NN>-<key>.png`, `grids/<l
 (rows: samples; columns: the image with its lesion outlined, then every model × method),
 `index.html`, `tensorboard/`, `localization.json` (model → method → label → scores) with
 `localization.md` beside it, and `explain.json` (what was run, and scores pooled over labels).
+With `ground_truth` files: `ground_truth.json` / `.md` and RUN/localization/ (ground_truth_scores.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 
 from shards.atomic import write_json, write_text
 from trainer.explain import DEFAULT_METHODS, gallery
+from trainer.explain.ground_truth import GroundTruth, read_ground_truth
+from trainer.explain.ground_truth_scores import run_ground_truth, write_ground_truth
 from trainer.explain.loading import ExplainError, LoadedRun, load_best_model
 from trainer.explain.localization import Score, deletion_insertion
 from trainer.explain.methods import Method, resolve_methods
@@ -45,6 +48,10 @@ class ExplainOptions:
     seed: int = 0
     workers: int = 1
     progress: bool = True
+    ground_truth: tuple[Path, ...] = ()
+    """Radiologists' annotations (CheXlocalize JSON, NIH BBox_List_2017.csv) to score against."""
+    threshold: float | None = None
+    """How a map is binarized for mIoU: None → Otsu, else this fraction of its [0, 1] range."""
 
 
 @dataclass
@@ -146,6 +153,9 @@ def explain(options: ExplainOptions) -> dict:
     """Run the job; returns localization.json's content."""
     if options.n < 1 or options.batch_size < 1 or options.steps < 0:
         raise ExplainError("--n and --batch-size must be ≥ 1, --steps ≥ 0")
+    if options.threshold is not None and not 0.0 <= options.threshold < 1.0:
+        raise ExplainError(f"--threshold {options.threshold}: expected otsu or a number in [0, 1)")
+    truths: list[GroundTruth] = [read_ground_truth(path) for path in options.ground_truth]  # fail fast
     methods = resolve_methods(list(options.methods))
     device = resolve_device(options.device)
     runs = load_runs(options.runs, options.shards)
@@ -173,6 +183,9 @@ def explain(options: ExplainOptions) -> dict:
                           device, shared.get((r, method.name)))
              for r, method, label in progress(work, options.progress, "explain")]
     scores = write_outputs(options, runs, labels, chosen, inputs, position, cells)
+    if truths:
+        entries = run_ground_truth(truths, runs, configs, labels, methods, options.threshold, device)
+        write_ground_truth(options.out, options.split, options.threshold, entries, runs)
     return scores
 
 

@@ -5,6 +5,13 @@
   fraction is the random baseline reported beside it (`random_pointing`).
 - Energy in mask: the share of the map's total mass inside the mask (the Score-CAM paper's
   "energy-based pointing game"); a uniform map scores the mask's area fraction too.
+- Against radiologists' ground truth (`GroundTruthScore`, CheXlocalize's two metrics): the hit
+  rate is the pointing game above; mIoU binarizes the map as CheXlocalize's
+  heatmap_to_segmentation.py does (min-max normalised to 0-255 uint8, then Otsu's threshold, or a
+  fixed threshold on the [0, 1] map) and averages the IoU over the "true positive slice"
+  (CheXlocalize eval.py's default, true_pos_only=True): images whose ground truth and binarized
+  map are both non-empty. A flat map binarizes to nothing: a miss, and no IoU (counted in n but
+  not in n_iou).
 - Deletion / insertion (Petsiuk et al. 2018, RISE): pixels are removed from the image (set to the
   normalised mean, 0), or added to a blurred copy, most salient first; the area under the
   model's probability curve. Low deletion and high insertion AUC mean the map names pixels the
@@ -47,6 +54,78 @@ def energy_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> float:
     mass = np.clip(heatmap, 0.0, None)
     total = float(mass.sum())
     return float(mass[mask].sum()) / total if total > 0 else 0.0
+
+
+def otsu_threshold(values: np.ndarray) -> int:
+    """Otsu's threshold of uint8 values: the t maximizing the between-class variance of {≤ t} and
+    {> t}, the first on ties (OpenCV's THRESH_OTSU, which CheXlocalize uses); 0 for one value."""
+    histogram = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    p = histogram / histogram.sum()
+    q1 = np.cumsum(p)
+    m1 = np.cumsum(p * np.arange(256))
+    q2 = 1.0 - q1
+    eps = np.finfo(np.float32).eps
+    valid = (np.minimum(q1, q2) >= eps) & (np.maximum(q1, q2) <= 1.0 - eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (m1[-1] * q1 - m1) ** 2 / (q1 * q2)
+    between = np.where(valid, between, -1.0)
+    return int(np.argmax(between)) if (between > 0).any() else 0
+
+
+def binarize(heatmap: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """The map as a segmentation: min-max normalised; `threshold` None → CheXlocalize's Otsu on the
+    0-255 uint8 map (truncated, as np.uint8 does), else pixels above `threshold` in [0, 1]."""
+    low, high = float(heatmap.min()), float(heatmap.max())
+    if not high > low:
+        return np.zeros(heatmap.shape, dtype=bool)
+    normalised = (heatmap.astype(np.float64) - low) / (high - low)
+    if threshold is not None:
+        return normalised > threshold
+    levels = (255 * normalised).astype(np.uint8)
+    return levels > otsu_threshold(levels)
+
+
+def iou(prediction: np.ndarray, truth: np.ndarray) -> float | None:
+    """Intersection over union; None where either is empty (outside the true positive slice)."""
+    if not prediction.any() or not truth.any():
+        return None
+    return float((prediction & truth).sum()) / float((prediction | truth).sum())
+
+
+@dataclass
+class GroundTruthScore:
+    """One (model, method, label) cell against radiologists' ground truth."""
+
+    hits: int = 0
+    n: int = 0
+    area: float = 0.0
+    iou: float = 0.0
+    n_iou: int = 0
+
+    def add(self, heatmap: np.ndarray, truth: np.ndarray, threshold: float | None = None) -> None:
+        self.hits += pointing_hit(heatmap, truth)
+        self.area += float(truth.mean())
+        self.n += 1
+        overlap = iou(binarize(heatmap, threshold), truth)
+        if overlap is not None:
+            self.iou += overlap
+            self.n_iou += 1
+
+    def merge(self, other: GroundTruthScore) -> None:
+        self.hits += other.hits
+        self.n += other.n
+        self.area += other.area
+        self.iou += other.iou
+        self.n_iou += other.n_iou
+
+    def as_dict(self) -> dict:
+        """hit_rate (pointing game) beside random_point, the hit rate a uniformly random point
+        expects: the mean area share of the ground truth (also the IoU of marking the whole image)."""
+        def mean(total: float, count: int) -> float | None:
+            return round(total / count, 4) if count else None
+
+        return {"hit_rate": mean(self.hits, self.n), "random_point": mean(self.area, self.n),
+                "miou": mean(self.iou, self.n_iou), "n": self.n, "n_iou": self.n_iou}
 
 
 @dataclass

@@ -16,7 +16,8 @@ from pathlib import Path
 from shards.atomic import write_json, write_text
 from trainer import rundir
 from trainer.config import Config
-from trainer.report import figures, recipes, seeds
+from trainer.explain import truth_tables
+from trainer.report import external, figures, recipes, seeds
 from trainer.report.analysis import ANCHORS, Settings, compare, pairs, run_metrics
 from trainer.report.render import render_html, render_markdown
 from trainer.report.runs import RunData, find_runs, load_run, load_sweep
@@ -87,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_text(args.out / "index.html", render_html(markdown, "cxrbench report"))
     print(
         f"report: {len(runs)} runs, {len(summary['pairs'])} paired comparisons, "
+        f"{len(summary['external']['results'])} external results, "
         f"{len(summary['figures'])} figures, {len(skipped)} skipped → {args.out / 'index.html'}"
     )
     return 0
@@ -166,15 +168,34 @@ def build(
         "pairs": compared,
         "seed_groups": [seeds.describe(group, by_name, primary) for group in groups],
         "seed_comparisons": seed_comparisons,
+        "external": external.external_validation(runs, settings),
         "tuning_budget": recipes.tuning_budget((run.family, cards[run.name], run.config.run.tuning)
                                                for run in runs),
         "sweeps": [{"path": str(s), "trials": len(load_sweep(s))} for s in sweeps],
         "figures": [f for f in figure_list if f["file"]],
         "missing_figures": [f for f in figure_list if not f["file"]],
         "skipped": skipped,
+        "localization": localization(runs),
         "anchors": ANCHORS,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def localization(runs: list[RunData]) -> dict:
+    """Heatmaps against radiologists' ground truth, from each run's localization/ (trainer.explain
+    --ground-truth), and CheXlocalize's published figures when a file is theirs."""
+    entries, problems = [], []
+    for run in runs:
+        problems += run.localization_problems
+        for name, payload in run.localizations.items():
+            entries.append({"run": run.name, "model": run.model, "family": run.family, "name": name,
+                            **{k: payload.get(k) for k in ("ground_truth", "kind", "split", "threshold",
+                                                           "scores", "pooled", "coverage")}})
+    for problem in problems:
+        print(f"localization skipped: {problem}", file=sys.stderr)
+    chexlocalize = any(str(e.get("kind") or "").startswith("chexlocalize") for e in entries)
+    return {"entries": entries, "problems": problems,
+            "reference": truth_tables.load_reference() if chexlocalize else None}
 
 
 def _points(runs: list[RunData], summaries: list[dict], sweeps: list[Path], primary: str) -> tuple[list, str]:

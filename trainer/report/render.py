@@ -6,6 +6,7 @@ import html
 
 from markdown_it import MarkdownIt
 
+from trainer.explain import truth_tables
 from trainer.metrics import format_metric
 
 PNEUMONIA_METRICS = ("auroc/Pneumonia", "accuracy", "sensitivity", "specificity", "f1")
@@ -91,6 +92,9 @@ def render_markdown(summary: dict) -> str:
     )
     if any(group["n_seeds"] > 1 for group in summary.get("seed_groups", [])):
         lines += _replicates(summary["seed_groups"], summary["seed_comparisons"])
+    external = summary.get("external") or {}
+    if external.get("results") or external.get("skipped"):
+        lines += _external(external)
     lines += _recipe_cards(runs)
     if summary.get("tuning_budget"):
         lines += _tuning_budget(summary["tuning_budget"])
@@ -118,6 +122,7 @@ def render_markdown(summary: dict) -> str:
             "Not drawn: " + "; ".join(f"{f['caption']} ({f['missing']})" for f in summary["missing_figures"]),
             "",
         ]
+    lines += _localization(summary.get("localization") or {})
     lines += ["## Published anchors (other people's numbers, other data and protocols)", ""]
     lines += _table(
         ["dataset", "metric", "value", "model"],
@@ -127,6 +132,33 @@ def render_markdown(summary: dict) -> str:
         lines += ["## Skipped runs", ""]
         lines += [f"- `{s['path']}`: {s['reason']}" for s in summary["skipped"]] + [""]
     return "\n".join(lines)
+
+
+def _localization(section: dict) -> list[str]:
+    """Heatmaps against radiologists' ground truth (runs' localization/), CheXlocalize beside."""
+    entries = section.get("entries") or []
+    if not entries:
+        return []
+    lines = [
+        "## Localization against radiologists' ground truth",
+        "",
+        "From `python -m trainer.explain --ground-truth` (each run's `localization/`). Hit rate: the "
+        "heatmap's peak lies in the radiologists' region (pointing game); random point: the regions' mean "
+        "area share, what a uniformly random point hits; mIoU: the map binarized (Otsu unless stated), "
+        "over images where it is non-empty (n IoU). Scored: positive labels with a non-empty region.",
+        "",
+        *truth_tables.score_header(["run", "model", "ground truth"]),
+    ]
+    for entry in entries:
+        where = f"{entry['name']} ({entry['split']}, {entry['threshold']})"
+        lines += truth_tables.score_rows(entry["scores"] or {}, entry["pooled"] or {},
+                                         [entry["run"], entry["model"], where])
+    lines.append("")
+    if section.get("problems"):
+        lines += [f"Not read: {'; '.join(section['problems'])}", ""]
+    if section.get("reference"):
+        lines += truth_tables.reference_lines(section["reference"])
+    return lines
 
 
 def _replicates(groups: list[dict], comparisons: list[dict]) -> list[str]:
@@ -185,6 +217,52 @@ def _replicates(groups: list[dict], comparisons: list[dict]) -> list[str]:
         if rows
         else ["(needs two groups on the same labels that share a seed)", ""]
     )
+    return lines
+
+
+def _external(external: dict) -> list[str]:
+    """Each run on each external pack beside its internal test, then CNN vs ViT per pack."""
+    lines = [
+        "## External validation",
+        "",
+        "Each run's best model on other packs (`python -m trainer.evaluate`), on the labels both "
+        "vocabularies share with the same meaning, scored with the run's own label policy. AUROC with "
+        "its patient-bootstrap 95% interval outside, and inside (the run's internal test, same label); "
+        "drop = internal − external (positive: worse outside). macro: the shared labels defined in "
+        "both sets.",
+        "",
+    ]
+    rows = []
+    for result in external["results"]:
+        for row in result["rows"]:
+            name = row["label"] if row["label"] == "macro" or row["label"] == row["target"] \
+                else f"{row['label']} (= {row['target']})"
+            rows.append([result["run"], result["model"], f"{result['dataset']} ({result['split']})",
+                         name, str(result["n"]), _ci(row["external"]), _ci(row["internal"]),
+                         format_metric(row["drop"], "+.3f")])
+    lines += _table(["run", "model", "external pack", "label", "n", "external AUROC [95% CI]",
+                     "internal test AUROC [95% CI]", "drop"], rows)
+    lines += [f"- {r['run']} on {r['dataset']}: left out (no same-meaning label in the pack): "
+              f"{', '.join(r['left_out']) or 'none'}"
+              + (f" — ⚠ scored best/ of step {r['best_step']}, exported again since: re-run "
+                 "trainer.evaluate" if r.get("stale") else "")
+              for r in external["results"]] + [""]
+    lines += ["### CNN vs ViT on each external pack", "",
+              "Δ = second − first on the same external images; p: paired patient bootstrap, as for "
+              "the internal test.", ""]
+    rows = [
+        [c["dataset"], f"{c['a']} ({c['model_a']})", f"{c['b']} ({c['model_b']})", str(c["n"]), c["metric"],
+         f"{format_metric(c['delta'], '+.3f')} [{format_metric(c['ci_low'], '+.3f')}, "
+         f"{format_metric(c['ci_high'], '+.3f')}]", _p(c["p_value"]),
+         _p(min(ps)) if (ps := [v["p_value"] for v in c["delong"].values() if v["p_value"] is not None])
+         else "n/a"]
+        for c in external["comparisons"]
+    ]
+    lines += (_table(["external pack", "first", "second", "n", "metric", "Δ [95% CI]", "p (bootstrap)",
+                      "min p (DeLong)"], rows)
+              if rows else ["(needs two runs on the same labels evaluated on the same pack)", ""])
+    if external.get("skipped"):
+        lines += ["Not read: " + "; ".join(f"`{s['path']}` ({s['reason']})" for s in external["skipped"]), ""]
     return lines
 
 

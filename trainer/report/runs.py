@@ -3,6 +3,8 @@
 A run directory (trainer/rundir.py reads it) is usable when it has config.yaml, metrics.jsonl with
 a test record, and predictions_test.npz with the patient of every row; anything missing or
 unreadable is reported with its reason and the run skipped, so one broken run never hides the others.
+A run's external evaluations (`external/<pack>/`, trainer/evaluate.py) come with it; a broken one is
+listed with its reason and the run reported without it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 
 from trainer import rundir
 from trainer.config import Config
-from trainer.rundir import Predictions, RunDirError
+from trainer.rundir import External, Predictions, RunDirError
 
 
 @dataclass
@@ -29,6 +31,13 @@ class RunData:
     card: dict = field(default_factory=dict)
     architecture: str = "cnn"
     """trainer.models.model_family of the trained model: cnn, vit or swin."""
+    external: list[External] = field(default_factory=list)
+    """best/ scored on other packs (RUN/external/<pack>/), by pack name."""
+    external_skipped: list[dict] = field(default_factory=list)
+    """External folders that could not be read: {path, reason}."""
+    localizations: dict[str, dict] = field(default_factory=dict)
+    """RUN/localization/*.json: heatmaps scored against radiologists' ground truth (trainer.explain)."""
+    localization_problems: list[str] = field(default_factory=list)
 
     @property
     def model(self) -> str:
@@ -90,7 +99,11 @@ def load_run(path: Path, name: str) -> RunData:
     val_file = rundir.predictions_path(path, "val")
     val = rundir.read_predictions(val_file) if val_file.is_file() else None
     card = rundir.read_card(path)
-    return RunData(name, path, config, records, test, val, card, architecture(card, config))
+    external, broken = rundir.read_externals(path)
+    localizations, problems = rundir.read_localizations(path)
+    return RunData(name, path, config, records, test, val, card, architecture(card, config),
+                   external=external, external_skipped=broken, localizations=localizations,
+                   localization_problems=problems)
 
 
 def architecture(card: dict, config: Config) -> str:
@@ -122,8 +135,14 @@ def find_runs(roots: list[Path]) -> tuple[list[Path], list[Path]]:
             continue
         candidates = {p.parent for p in root.rglob(rundir.METRICS)}
         candidates |= {p.parent for p in root.rglob(rundir.CONFIG) if p.parent.name != rundir.BEST}
-        runs += sorted(p for p in candidates if not any(s in p.parents for s in sweeps))
+        runs += sorted(p for p in candidates
+                       if not any(s in p.parents for s in sweeps) and not _external(p))
     return list(dict.fromkeys(runs)), list(dict.fromkeys(sweeps))
+
+
+def _external(path: Path) -> bool:
+    """RUN/external/<pack>/ (or anything below it): part of RUN, not a run of its own."""
+    return any(parent.name == rundir.EXTERNAL and rundir.holds_run(parent.parent) for parent in path.parents)
 
 
 def load_sweep(path: Path) -> list[dict]:
