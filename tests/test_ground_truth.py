@@ -21,6 +21,7 @@ from trainer.explain import rle
 from trainer.explain.__main__ import main
 from trainer.explain.ground_truth import (
     Region,
+    Source,
     chexlocalize_id,
     match,
     nih_id,
@@ -175,17 +176,23 @@ def test_files_are_told_apart_by_content_and_malformed_ones_refused(tmp_path: Pa
     assert np.array_equal(drawn.full_mask(), annotations.regions[0].full_mask()), "RLE = filled polygon"
     atelectasis = next(r for r in boxes.regions if r.finding == "Atelectasis")
     assert len(atelectasis.boxes) == 2 and (atelectasis.height, atelectasis.width) == (1024, 1024)
-    sources = {"k1": "CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg",
-               "k2": "images_003/images/00013118_008.png"}
+    sources = {"k1": Source("CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg"),
+               "k2": Source("images_003/images/00013118_008.png")}
     matched = match(segmentations, sources, list(CHEXPERT_LABELS))
     assert list(matched.wanted) == ["k1"] and list(matched.wanted["k1"]) == ["Lung Opacity"]
     assert matched.empty == 9 and matched.not_in_pack == [] and (matched.images, matched.found) == (1, 1)
     on_competition5 = match(boxes, sources, list(COMPETITION5))
     assert list(on_competition5.wanted["k2"]) == ["Atelectasis"]
     assert on_competition5.unknown_findings == {"Infiltrate": 1}
-    assert match(boxes, {"k3": "other.png"}, list(COMPETITION5)).not_in_pack == ["00013118_008.png"]
-    assert match(boxes, {**sources, "k4": "images/00013118_008.jpg"}, list(COMPETITION5)).ambiguous == \
-        ["00013118_008.png"]
+    (unsized,) = on_competition5.wanted["k2"]["Atelectasis"]
+    assert (unsized.height, unsized.width) == (1024, 1024), "NIH's own size when the pack has none"
+    resized = match(boxes, {"k2": Source(sources["k2"].path, (512, 256))}, list(COMPETITION5))
+    (sized,) = resized.wanted["k2"]["Atelectasis"]
+    assert (sized.height, sized.width) == (512, 256) and sized.boxes == unsized.boxes, \
+        "boxes read in the pixels of the file the pack recorded"
+    assert match(boxes, {"k3": Source("other.png")}, list(COMPETITION5)).not_in_pack == ["00013118_008.png"]
+    assert match(boxes, {**sources, "k4": Source("images/00013118_008.jpg")},
+                 list(COMPETITION5)).ambiguous == ["00013118_008.png"]
     broken = {
         "list.json": ("[1, 2]", "expected CheXlocalize gt_segmentations"),
         "sum.json": (json.dumps({"p": {"Edema": {"size": [3, 3], "counts": "32"}}}),
@@ -257,7 +264,8 @@ def bounding_box(plane: np.ndarray) -> tuple[int, int, int, int]:
 
 def ground_truth_files(images: list[dict], folder: Path) -> tuple[Path, Path, Path]:
     """The lesion masks as CheXlocalize RLE at twice the resolution (exact), and their bounding
-    boxes as CheXlocalize polygons (twice the resolution) and NIH boxes (1024 × 1024 pixels)."""
+    boxes as CheXlocalize polygons (twice the resolution) and NIH boxes (in the image file's pixels,
+    which the pack records, as BBox_List_2017.csv's are in the 1024-pixel PNGs')."""
     segmentations, annotations = {}, {}
     boxes: list[list] = [["Image Index", "Finding Label", "Bbox [x,y,w,h]", "", "", ""]]
     for image in images:
@@ -276,9 +284,8 @@ def ground_truth_files(images: list[dict], folder: Path) -> tuple[Path, Path, Pa
                        [2 * left, 2 * bottom + 1]]
             annotations.setdefault(image_id, {"img_size": [2 * height, 2 * width]})[pathology] = [corners]
             if label in NIH:
-                sx, sy = 1024 / width, 1024 / height
-                boxes.append([f"{Path(image['source']).stem}.png", NIH[label], left * sx, top * sy,
-                              (right + 1 - left) * sx, (bottom + 1 - top) * sy])
+                boxes.append([f"{Path(image['source']).stem}.png", NIH[label], left, top,
+                              right + 1 - left, bottom + 1 - top])
     outside = np.zeros((40, 30), bool)
     outside[3:9, 4:8] = True
     segmentations["patient99999_study1_view1_frontal"] = {"Edema": rle.encode(outside)}

@@ -33,16 +33,22 @@ class EncodedImage:
     data: bytes
     width: int
     height: int
+    source_width: int
+    """The image file's own size, before the resize: annotations given in the original pixels
+    (NIH boxes) are mapped onto the packed image with it."""
+    source_height: int
 
 
-def load_grayscale(path: str, short_side: int) -> np.ndarray:
-    """Decode to uint8 H×W, shorter side at most `short_side` (never upscaled).
+def load_grayscale(path: str, short_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode to uint8 H×W, shorter side at most `short_side` (never upscaled); also the file's
+    own (width, height).
 
     JPEG `draft` lets libjpeg decode at 1/2, 1/4 or 1/8 scale first: a full-resolution
     CheXpert image (~2,500 px) then costs a fraction of a full decode before the final resize.
     """
     try:
         with Image.open(path) as image:
+            source = image.size
             if image.format == "JPEG":
                 scale = min(image.size) / short_side
                 if scale >= 2:
@@ -54,7 +60,7 @@ def load_grayscale(path: str, short_side: int) -> np.ndarray:
             if factor < 1:
                 size = (max(1, round(width * factor)), max(1, round(height * factor)))
                 gray = gray.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-            return np.asarray(gray, dtype=np.uint8)
+            return np.asarray(gray, dtype=np.uint8), source
     except FileNotFoundError:
         raise ImageError("missing_file", f"missing file {path}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -75,8 +81,9 @@ def encode_image(pixels: np.ndarray, fmt: ImageFormat, quality: int) -> bytes:
 
 def load_image(path: str, short_side: int, fmt: ImageFormat, quality: int) -> EncodedImage:
     """Load, resize and encode one image for a shard."""
-    pixels = load_grayscale(path, short_side)
-    return EncodedImage(encode_image(pixels, fmt, quality), pixels.shape[1], pixels.shape[0])
+    pixels, (source_width, source_height) = load_grayscale(path, short_side)
+    return EncodedImage(encode_image(pixels, fmt, quality), pixels.shape[1], pixels.shape[0],
+                        source_width, source_height)
 
 
 def load_mask(path: str, width: int, height: int) -> bytes:

@@ -144,7 +144,8 @@ def encode_record(record: Record, split: str, options: PackOptions, mask_root: P
     """Load, resize, encode one record; a bad image becomes a Reject, never an exception."""
     try:
         image = load_image(record.path, options.size, options.fmt, options.quality)
-        meta = record.metadata() | {"split": split, "width": image.width, "height": image.height}
+        meta = record.metadata() | {"split": split, "width": image.width, "height": image.height,
+                                    "source_width": image.source_width, "source_height": image.source_height}
         sample: dict[str, object] = {"__key__": record.key, options.fmt: image.data}
         mask_path = mask_root / Path(record.relpath).with_suffix(".png")
         if options.masks and mask_path.is_file():

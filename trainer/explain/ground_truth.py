@@ -31,6 +31,7 @@ the original pixel holding that point; a box holds the pixel when the point lies
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 from collections.abc import Iterable
@@ -58,7 +59,9 @@ Effusion`) and leaves out findings with no exact counterpart (NIH `Mass`, `Nodul
 on a CheXpert run; `Lung Opacity` on an NIH run)."""
 
 NIH_IMAGE_SIZE = (1024, 1024)
-"""(height, width) of every ChestX-ray14 PNG: the pixels BBox_List_2017.csv's boxes are given in."""
+"""(height, width) of every ChestX-ray14 PNG: the pixels BBox_List_2017.csv's boxes are given in.
+A pack records each image's own size (`source_width`/`source_height`): where it does, the boxes
+are read against that instead (a re-distribution at another size, the synthetic twin)."""
 NIH_HEADER = ("Image Index", "Finding Label")
 
 
@@ -268,11 +271,27 @@ class Matched:
     """Empty regions (not scored)."""
 
 
-def match(truth: GroundTruth, sources: dict[str, str], labels: list[str]) -> Matched:
-    """Pair the file's non-empty regions with the split's samples (`sources`: key → source path)."""
+@dataclass(frozen=True)
+class Source:
+    """What a packed sample says of its original file: its path and (height, width), if recorded."""
+
+    path: str
+    size: tuple[int, int] | None = None
+
+
+def in_file_pixels(region: Region, size: tuple[int, int] | None) -> Region:
+    """Boxes are in their image file's pixels: read them against the size the pack recorded for
+    that file (else NIH's 1024 × 1024). Rasters carry their own size."""
+    if not region.boxes or size is None:
+        return region
+    return dataclasses.replace(region, height=size[0], width=size[1])
+
+
+def match(truth: GroundTruth, sources: dict[str, Source], labels: list[str]) -> Matched:
+    """Pair the file's non-empty regions with the split's samples (`sources`: key → its source)."""
     keys_by_id: dict[str, list[str]] = {}
     for key, source in sources.items():
-        image_id = truth.image_id(source)
+        image_id = truth.image_id(source.path)
         if image_id is not None:
             keys_by_id.setdefault(image_id, []).append(key)
     wanted: dict[str, dict[str, list[Region]]] = {}
@@ -288,6 +307,7 @@ def match(truth: GroundTruth, sources: dict[str, str], labels: list[str]) -> Mat
         if label is None:
             unknown[region.finding] = unknown.get(region.finding, 0) + 1
         else:
-            wanted.setdefault(keys[0], {}).setdefault(label, []).append(region)
+            wanted.setdefault(keys[0], {}).setdefault(label, []).append(
+                in_file_pixels(region, sources[keys[0]].size))
     return Matched(truth, wanted, len({r.image for r in drawn}), len(found), sorted(not_in_pack),
                    sorted(ambiguous), dict(sorted(unknown.items())), len(truth.regions) - len(drawn))

@@ -34,7 +34,7 @@ from shards.manifest import load_manifest
 from shards.stream import StreamConfig, eval_stream
 from shards.stream.tarread import TarFormatError, iter_samples
 from trainer import rundir
-from trainer.explain.ground_truth import GroundTruth, Matched, match
+from trainer.explain.ground_truth import GroundTruth, Matched, Source, match
 from trainer.explain.loading import LoadedRun
 from trainer.explain.localization import GroundTruthScore
 from trainer.explain.methods import Method
@@ -58,15 +58,18 @@ Cells = dict[str, dict[str, GroundTruthScore]]
 """method → label → score."""
 
 
-def split_sources(config: StreamConfig) -> dict[str, str]:
-    """Key → `source` path of every sample of the split, from the shards' JSON (no image is read)."""
-    sources: dict[str, str] = {}
+def split_sources(config: StreamConfig) -> dict[str, Source]:
+    """Key → `source` path and original size of every sample of the split, from the shards' JSON
+    (no image is read). Packs older than `source_width` have no size: None."""
+    sources: dict[str, Source] = {}
     for shard in load_manifest(config.shards).shards(config.split):
         try:
             for sample in iter_samples(shard.path, wanted=("json",)):
                 meta = json.loads(sample["json"]) if "json" in sample else {}
                 key = meta.get("key", sample["__key__"])
-                sources[key] = str(meta.get("source") or key)
+                size = (meta.get("source_height"), meta.get("source_width"))
+                sources[key] = Source(str(meta.get("source") or key),
+                                      (int(size[0]), int(size[1])) if all(size) else None)
         except (TarFormatError, OSError, ValueError) as err:
             log.warning("%s: unreadable (%s); its samples cannot be matched to ground truth", shard.path, err)
     return sources
@@ -159,7 +162,7 @@ def run_ground_truth(truths: list[GroundTruth], runs: list[LoadedRun], configs: 
                      labels: list[str], methods: Sequence[Method], threshold: float | None,
                      device: torch.device) -> list[dict]:
     """Every file scored for every run: one entry per file (ground_truth.json's `files`)."""
-    sources: dict[tuple[Path, str], dict[str, str]] = {}
+    sources: dict[tuple[Path, str], dict[str, Source]] = {}
     entries = [{"path": str(t.path), "kind": t.kind, "runs": {}, "scores": {}, "pooled": {}} for t in truths]
     for run, config in zip(runs, configs, strict=True):
         where = (Path(config.shards), config.split)
