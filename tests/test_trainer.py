@@ -29,6 +29,7 @@ from tests.trainer_helpers import (
     DEMO,
     DEMO_VIT,
     ROOT,
+    assert_same_evaluations,
     best_val,
     environment,
     free_port,
@@ -211,15 +212,6 @@ def test_freeze_strategies_train_exactly_the_intended_parameters(
     assert all(set(kept) == state for kept in saved["state"].values()), saved["state"][0].keys()
     group = saved["param_groups"][0]
     assert {"sgd": group.get("nesterov") is True, "lamb": "trust_clip" in group}.get(optimizer, True)
-
-
-def assert_same_evaluations(resumed: Path, straight: Path) -> None:
-    """A resumed run evaluated at the same steps, with the same AUROCs, as the uninterrupted one."""
-    for split in ("val", "test"):
-        expected, got = records(straight, split), records(resumed, split)
-        assert [line["step"] for line in got] == [line["step"] for line in expected]
-        for a, b in zip(got, expected, strict=True):
-            assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-5)
 
 
 def expected_lr(step: int, lr: float, steps_per_epoch: int, epochs: int, warmup_epochs: float,

@@ -132,6 +132,10 @@ class RunConfig:
     resume: str = "never"
     """never, auto (the latest checkpoint in dir/checkpoints if any), or a checkpoint path."""
     log_every: int = 10
+    collective_timeout: int = 600
+    """Seconds a rank waits in a collective (all-reduce, barrier) for its peers before it fails:
+    how long a run whose node died or froze can hang. The launch scripts set 120 (CPU) / 180 (GPU)
+    through COLLECTIVE_TIMEOUT; the first step of a compiled model must fit in it."""
     signal_check_every: int = 10
     """Optimizer steps between the ranks' agreement on a preemption signal (an all-reduce and a
     host sync: not paid every step). SLURM's warning comes minutes before the kill."""
@@ -278,7 +282,8 @@ def validate(config: Config) -> None:
                 "optim.lr_ref_batch": optim.lr_ref_batch,
                 "data.global_batch": 1 if data.global_batch is None else data.global_batch,
                 "run.keep_last": run.keep_last, "run.log_every": run.log_every,
-                "run.signal_check_every": run.signal_check_every}
+                "run.signal_check_every": run.signal_check_every,
+                "run.collective_timeout": run.collective_timeout}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be ≥ 1, got {value}")

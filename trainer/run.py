@@ -2,7 +2,8 @@
 
 Also runs as plain `python trainer/run.py ...` (one process). Exit status: 0 finished, 2 bad
 config (one line, nothing written), 75 preempted after a checkpoint (requeue; `run.resume=auto`
-continues).
+continues), 1 otherwise: a crash (traceback) or a peer lost (one line; trainer/failures.py
+tells the job script which).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ if __package__ in (None, ""):  # `python trainer/run.py`: make the project impor
 
 from shards.errors import DataError
 from trainer.config import ConfigError, load_config
+from trainer.failures import PEER_LOST, record_failure
 from trainer.rundir import RunDirError
 
 
@@ -42,8 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Preempted as stop:
             return int(stop.code)
     except (ConfigError, DataError, RunDirError) as err:
+        record_failure(err)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if record_failure(err) == PEER_LOST:  # a node died or froze: the launcher may requeue
+            print(f"error: lost contact with another rank ({str(err).strip().splitlines()[0][:300]}); "
+                  "the last complete checkpoint is kept for a resume", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 
