@@ -42,7 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Preempted as stop:
             return int(stop.code)
     except (ConfigError, DataError, RunDirError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # One write, line and newline together: every rank prints it into one log (accelerate
+        # launch runs python -u), and print's two writes interleave there ("...)error: ...").
+        sys.stderr.write(f"error: {err}\n")
         return 2
     return 0
 
