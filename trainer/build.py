@@ -1,8 +1,10 @@
 """Everything a run needs, built once and in the order a GPU node needs it: `setup(cfg, accelerator)`.
 
-Model and streams on the host, `accelerator.prepare` (device, DDP/DeepSpeed), then compile and EMA
-from the prepared model (trainer/distributed.py says why that order), then the checkpoint to
-resume from. The result is a `Run`, which the loop (engine.py) and evaluation (evaluation.py) share.
+The shards checked against their manifest first (trainer/packcheck.py: a changed pack stops every
+rank before anything is built), then model and streams on the host, `accelerator.prepare` (device,
+DDP/DeepSpeed), then compile and EMA from the prepared model (trainer/distributed.py says why that
+order), then the checkpoint to resume from, once RUN/pack.json shows it was trained on this pack.
+The result is a `Run`, which the loop (engine.py) and evaluation (evaluation.py) share.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from trainer.data import build_streams, run_labels
 from trainer.distributed import compile_prepared, uses_deepspeed, zero_stage
 from trainer.models import build_model, plan_parameters, to_memory_format
 from trainer.optimizers import build_optimizer
+from trainer.packcheck import same_pack, verify_pack
 from trainer.preemption import StopRequest
 from trainer.recipe import Resolved, resolve
 from trainer.tracking import Tracker
@@ -75,6 +78,7 @@ def setup(cfg: Config, accelerator: Accelerator) -> Run:
     if cfg.optim.ema and zero_stage(accelerator) == 3:
         raise ConfigError("optim.ema: not supported under DeepSpeed ZeRO-3 (the weights are sharded); "
                           "use ZeRO-2 or DDP")
+    verify_pack(cfg, accelerator)
     set_seed(cfg.run.seed)
     model = build_model(cfg.model, num_classes=len(labels), image_size=cfg.data.image_size)
     plan = plan_parameters(model, cfg.model.freeze, cfg.model.layer_decay, cfg.optim.weight_decay,
@@ -134,6 +138,7 @@ def resume(cfg: Config, checkpointer: Checkpointer, train: Stream, ema: object |
     """The state to continue from (run.resume: never, auto or a checkpoint path)."""
     resume_from = checkpointer.latest() if cfg.run.resume == "auto" else (
         Path(cfg.run.resume) if cfg.run.resume != "never" else None)
+    same_pack(cfg, resume_from, accelerator)  # before loading: never continue on another pack
     if resume_from is None:
         return TrainState(), False
     state = checkpointer.load(resume_from)

@@ -55,6 +55,11 @@ class DataConfig:
     shuffle_buffer: int = 1000
     warp_on: Literal["worker", "device"] = "worker"
     decode_device: Literal["cpu", "cuda"] = "cpu"
+    verify_shards: Literal["sha256", "size"] = "sha256"
+    """Before training, every shard the run reads must still be the one manifest.json describes, or
+    the run stops with one line naming it (trainer/packcheck.py). sha256: existence, size and
+    checksum, the hashing spread over the ranks (reads the whole pack once per start); size:
+    existence and size only (instant, but misses a shard rewritten to the same size)."""
 
 
 @dataclass

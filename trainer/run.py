@@ -45,12 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(stop.code)
     except (ConfigError, DataError, RunDirError) as err:
         record_failure(err)
-        print(f"error: {err}", file=sys.stderr)
+        # One write, line and newline together: every rank prints it into one log (accelerate
+        # launch runs python -u), and print's two writes interleave there ("...)error: ...").
+        sys.stderr.write(f"error: {err}\n")
         return 2
     except Exception as err:
         if record_failure(err) == PEER_LOST:  # a node died or froze: the launcher may requeue
-            print(f"error: lost contact with another rank ({str(err).strip().splitlines()[0][:300]}); "
-                  "the last complete checkpoint is kept for a resume", file=sys.stderr)
+            sys.stderr.write(f"error: lost contact with another rank ({str(err).strip().splitlines()[0][:300]}); "
+                             "the last complete checkpoint is kept for a resume\n")
             return 1
         raise
     return 0

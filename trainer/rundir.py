@@ -7,6 +7,10 @@ Training writes it; sweeps, explain, report and the launch scripts read it. Layo
     predictions_{split}.npz  per-sample keys, patients, labels, probabilities, targets, masks
     best/                    model.safetensors (timm's names, float32), config.yaml, model_card.json
     checkpoints/step-N/      resumable state (trainer/checkpoint.py owns what is inside)
+    pack.json                the pack the checkpoints were trained on: shards (data.shards, absolute),
+                             identity (shards.verify.pack_identity), dataset, shards (count),
+                             samples; written when the run starts from scratch, checked when a
+                             checkpoint is resumed (trainer/packcheck.py)
     preempted.json           present while a preempted run waits to be requeued
     tb/                      TensorBoard event files
     external/<pack>/         best/ scored on another pack (`python -m trainer.evaluate`):
@@ -45,6 +49,7 @@ WEIGHTS = "model.safetensors"
 CARD = "model_card.json"
 CHECKPOINTS = "checkpoints"
 PREEMPTED = "preempted.json"
+PACK = "pack.json"
 TENSORBOARD = "tb"
 EXTERNAL = "external"
 EXTERNAL_RECORD = "external.json"
@@ -368,6 +373,34 @@ def read_external(path: Path) -> External:
         raise RunDirError(f"{predictions_path(path, info['split']).name}: labels {list(predictions.labels)} "
                           f"differ from {EXTERNAL_RECORD}'s {list(shared)}")
     return External(path.name, path, info, records[-1], predictions)
+
+
+# --- pack.json: the pack a run trains on ----------------------------------------------------------
+
+
+def write_pack(run_dir: Path, record: dict) -> None:
+    write_json(run_dir / PACK, record)
+
+
+def read_pack(run_dir: Path) -> dict | None:
+    """pack.json, or None for a run written before runs recorded their pack."""
+    path = run_dir / PACK
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirError(f"{path}: unreadable ({_first_line(err)})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("identity"), str) \
+            or not isinstance(record.get("shards"), str):
+        raise RunDirError(f"{path}: expected an object with shards and identity")
+    return record
+
+
+def run_of_checkpoint(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint belongs to (RUN/checkpoints/step-N → RUN), or None for a
+    checkpoint directory kept outside a run directory."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
 
 
 # --- preemption marker ---------------------------------------------------------------------------
