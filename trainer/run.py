@@ -51,8 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as err:
         if record_failure(err) == PEER_LOST:  # a node died or froze: the launcher may requeue
-            sys.stderr.write(f"error: lost contact with another rank ({str(err).strip().splitlines()[0][:300]}); "
-                             "the last complete checkpoint is kept for a resume\n")
+            cause = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            sys.stderr.write(f"error: lost contact with another rank ({cause}); the last complete "
+                             "checkpoint is kept for a resume\n")
             return 1
         raise
     return 0
