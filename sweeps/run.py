@@ -26,6 +26,7 @@ each, results.csv has the reason); 1 no trial produced a validation metric; 2 ba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -237,10 +238,20 @@ def init_ray(ray, args: argparse.Namespace) -> None:
             logging_level=logging.WARNING,
             **dashboard,
         )
+        keep_token_private()
         if args.dashboard:
             print(dashboard_access(context.dashboard_url), flush=True)
     else:
         ray.init(address=args.address, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def keep_token_private() -> None:
+    """Ray 2.60 writes the token it creates for a local cluster to ~/.ray/auth_token readable by
+    everyone (0644); whoever reads it can run code on this Ray as you. Owner-only, as ssh keys."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    with contextlib.suppress(OSError):  # none (auth disabled, or the token in $RAY_AUTH_TOKEN), or not ours
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
 
 
 def dashboard_access(url: str) -> str:

@@ -233,8 +233,9 @@ def test_dashboard_serves_loopback_only_and_asks_for_the_token(chexpert_shards: 
         lines = lines_of(process)
         found = wait_for_line(lines, r"Ray dashboard: http://([^:]+):(\d+) (.*)", timeout=120)
         host, port, access = found.group(1), int(found.group(2)), found.group(3)
-        token = (home / ".ray" / "auth_token").read_text().strip()
-        assert len(token) >= 32
+        token_file = home / ".ray" / "auth_token"
+        token = token_file.read_text().strip()
+        assert len(token) >= 32 and token_file.stat().st_mode & 0o777 == 0o600, "readable by its owner only"
         ray = str(Path(sys.executable).with_name("ray"))
         printed = subprocess.run([ray, "get-auth-token"], env=env, text=True, capture_output=True, timeout=60,
                                  check=False)
