@@ -1,8 +1,10 @@
 """Train one model: `accelerate launch trainer/run.py --config CONFIG.yaml [key.sub=value ...]`.
 
 Also runs as plain `python trainer/run.py ...` (one process). Exit status: 0 finished, 2 bad
-config (one line, nothing written), 75 preempted after a checkpoint (requeue; `run.resume=auto`
-continues).
+config or no usable checkpoint to resume from (one line, nothing written), 74 a write failed, a
+full disk above all (one line; the earlier checkpoints and best/ are intact; not requeued: free
+space, then resubmit with `run.resume=auto`), 75 preempted after a checkpoint (requeue;
+`run.resume=auto` continues).
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         from trainer.engine import train  # noqa: PLC0415 - keeps --help and config errors fast
         from trainer.preemption import Preempted  # noqa: PLC0415
+        from trainer.storage import Stopped  # noqa: PLC0415
 
         try:
             train(config)
-        except Preempted as stop:
+        except (Preempted, Stopped) as stop:  # the line saying why is already out (main rank)
             return int(stop.code)
     except (ConfigError, DataError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
