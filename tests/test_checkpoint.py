@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from trainer import rundir
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import Config
+from trainer.report.runs import find_runs
 from trainer.storage import EXIT_IOERR, Stopped, Writes
 from trainer.tracking import Tracker
 
@@ -195,6 +196,7 @@ def test_set_aside_moves_what_a_run_wrote_and_keeps_config(tmp_path: Path) -> No
     assert sorted(p.name for p in folder.iterdir()) == ["best", "checkpoints", "metrics.jsonl",
                                                         "predictions_val.npz", "tb"]
     assert rundir.set_aside(run) is None, "nothing left to move"
+    assert find_runs([tmp_path]) == ([run], []), "the report does not take set-aside/ for a run"
 
 
 # --- a full disk -----------------------------------------------------------------------------------
