@@ -134,7 +134,7 @@ def submit(slurm: LocalSlurm, run_dir: Path, shards: Path, extra: str) -> Job:  
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
-def watch(slurm: LocalSlurm, job: Job, marker: str, timeout: float = 420) -> tuple[dict, float | None]:  # noqa: F811
+def watch(slurm: LocalSlurm, job: Job, marker: str, timeout: float = 300) -> tuple[dict, float | None]:  # noqa: F811
     """Wait for the job to end; also when `marker` first appeared in its log, to the poll's 0.2 s."""
     seen: float | None = None
     deadline = time.monotonic() + timeout
@@ -185,7 +185,7 @@ def test_disk_full_during_a_checkpoint_fails_once_without_requeue_then_resumes(
 
         subprocess.run(["mount", "-o", f"remount,size={LARGE}", str(run_dir)], check=True, timeout=30)
         again = submit(slurm, run_dir, chexpert_shards, EXTRA)
-        info = slurm.wait(again, timeout=420)
+        info = slurm.wait(again, timeout=300)
         log = LocalSlurm.log(again)
         assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
         assert f"resumed from {run_dir / 'checkpoints' / kept[0]} (step {first}, epoch 1)" in log
@@ -201,7 +201,7 @@ def test_truncated_newest_checkpoint_resubmission_resumes_from_the_older_one(
     run_dir = tmp_path / "run"
     extra = EXTRA.replace("optim.epochs=3", "optim.epochs=2")
     job = submit(slurm, run_dir, chexpert_shards, extra)
-    info = slurm.wait(job, timeout=420)
+    info = slurm.wait(job, timeout=300)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), LocalSlurm.log(job)[-4000:]
     older, newer = (run_dir / "checkpoints" / name for name in step_dirs(run_dir))
     size = (newer / "model.safetensors").stat().st_size
@@ -210,7 +210,7 @@ def test_truncated_newest_checkpoint_resubmission_resumes_from_the_older_one(
     step = int(older.name[5:])
 
     again = submit(slurm, run_dir, chexpert_shards, extra)
-    info = slurm.wait(again, timeout=420)
+    info = slurm.wait(again, timeout=300)
     log = LocalSlurm.log(again)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
     warnings = [line for line in log.splitlines() if " skipped: " in line]
