@@ -26,6 +26,10 @@ RESOLVED = "resolved"
 """config.yaml's block of what the launch made of the config (trainer/recipe.py): a record, not a setting."""
 
 
+RESUME_MODES: tuple[str, ...] = ("never", "auto", "restart")
+"""run.resume's words; anything else is a checkpoint directory."""
+
+
 class ConfigError(ValueError):
     """A config mistake, in one line that names the key."""
 
@@ -135,7 +139,11 @@ class RunConfig:
     """Optimizer steps between checkpoints (0: at epoch ends only)."""
     keep_last: int = 2
     resume: str = "never"
-    """never, auto (the latest checkpoint in dir/checkpoints if any), or a checkpoint path."""
+    """never; auto: the newest usable checkpoint in dir/checkpoints (damaged ones are passed over with
+    a warning each; when there are checkpoints and none is usable the run stops, exit 2, rather than
+    start over); restart: the same, but with none usable it trains from scratch here, the earlier
+    attempt's files moved to dir/set-aside/ (never deleted; safe to keep for a requeued job: with a
+    usable checkpoint it resumes); or a checkpoint path."""
     log_every: int = 10
     collective_timeout: int = 600
     """Seconds a rank waits in a collective (all-reduce, barrier) for its peers before it fails:
@@ -340,5 +348,6 @@ def check_environment(config: Config) -> None:
 
 
 def _check_resume(run: RunConfig) -> None:
-    if run.resume not in ("never", "auto") and not Path(run.resume).is_dir():
-        raise ConfigError(f"run.resume: {run.resume!r} is neither never, auto nor a checkpoint directory")
+    if run.resume not in RESUME_MODES and not Path(run.resume).is_dir():
+        raise ConfigError(f"run.resume: {run.resume!r} is neither {', '.join(RESUME_MODES)} nor a checkpoint "
+                          "directory")

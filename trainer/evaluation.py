@@ -97,8 +97,10 @@ def evaluate(run: Run, split: str, threshold: float | None = None) -> dict:
               "images_seen": run.state.samples, "train_seconds": round(run.state.train_seconds, 3),
               **metrics}
     run.tracker.log(record)
-    if run.accelerator.is_main_process:
-        rundir.write_predictions(run.run_dir, split, predictions)
+    if run.accelerator.is_main_process and not run.writes.skip():
+        # A failed write is held; the caller's next agreement stops the run.
+        with run.writes.guard(rundir.predictions_path(run.run_dir, split)):
+            rundir.write_predictions(run.run_dir, split, predictions)
     run.tracker.roc_curves(split, run.labels, predictions.probs, predictions.targets, predictions.masks,
                            run.state.step)
     return record

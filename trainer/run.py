@@ -1,9 +1,12 @@
 """Train one model: `accelerate launch trainer/run.py --config CONFIG.yaml [key.sub=value ...]`.
 
 Also runs as plain `python trainer/run.py ...` (one process). Exit status: 0 finished, 2 bad
-config (one line, nothing written), 75 preempted after a checkpoint (requeue; `run.resume=auto`
-continues), 1 otherwise: a crash (traceback) or a peer lost (one line; trainer/failures.py
-tells the job script which).
+config or no usable checkpoint to resume from (one line, nothing written), 74 a write failed, a
+full disk above all (one line; the earlier checkpoints and best/ are intact; not requeued: free
+space, then resubmit with `run.resume=auto`), 75 preempted after a checkpoint (requeue;
+`run.resume=auto` continues), 1 otherwise: a crash (traceback) or a peer lost (one line).
+Under a launch script each failing rank also says which in $CXR_FAILURE_DIR (trainer/failures.py),
+so that a lost node is requeued and a failure of the run is not.
 """
 
 from __future__ import annotations
@@ -38,10 +41,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         from trainer.engine import train  # noqa: PLC0415 - keeps --help and config errors fast
         from trainer.preemption import Preempted  # noqa: PLC0415
+        from trainer.storage import Stopped  # noqa: PLC0415
 
         try:
             train(config)
         except Preempted as stop:
+            return int(stop.code)
+        except Stopped as stop:  # the line saying why is already out (main rank)
+            record_failure(stop)  # an error of the run's own (a full disk): not requeued
             return int(stop.code)
     except (ConfigError, DataError, RunDirError) as err:
         record_failure(err)

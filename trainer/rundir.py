@@ -19,6 +19,9 @@ Training writes it; sweeps, explain, report and the launch scripts read it. Layo
                              holding only the labels the pack shares, under the run's names
     localization/<name>.json heatmaps scored against radiologists' ground truth (trainer.explain
                              --ground-truth): one file per ground-truth file and split
+    set-aside/<UTC time>/    what an earlier attempt left when `run.resume=restart` started over
+                             (its checkpoints, best/, metrics, TensorBoard, predictions, ...),
+                             moved, never deleted; readers skip it
 
 A reader never re-derives what the writer knew: a patient comes from the predictions file, not
 from a key. Every file is written whole or not at all (shards/atomic.py). Problems with a run
@@ -54,6 +57,7 @@ TENSORBOARD = "tb"
 EXTERNAL = "external"
 EXTERNAL_RECORD = "external.json"
 LOCALIZATION = "localization"
+SET_ASIDE = "set-aside"
 TORCH_WEIGHT_FILES = ("model.pt", "model.pth", "pytorch_model.bin")
 """Accepted in best/ besides model.safetensors (exports from elsewhere), loaded tensors-only."""
 
@@ -412,6 +416,27 @@ def write_preempted(run_dir: Path, step: int, exit_code: int) -> None:
 
 def clear_preempted(run_dir: Path) -> None:
     (run_dir / PREEMPTED).unlink(missing_ok=True)
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move everything a run wrote besides config.yaml into set-aside/<UTC time>/ (main rank), so
+    a run that starts over here neither mixes with nor destroys the earlier attempt. Returns the
+    folder, or None when there was nothing to move. Renames only: no space needed."""
+    import time  # noqa: PLC0415 - only here
+
+    products = [run_dir / name for name in (CHECKPOINTS, BEST, METRICS, TENSORBOARD, EXTERNAL, LOCALIZATION,
+                                            PREEMPTED)]
+    products += sorted(run_dir.glob("predictions_*.npz"))
+    present = [path for path in products if path.exists()]
+    if not present:
+        return None
+    folder = run_dir / SET_ASIDE / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    while folder.exists():
+        folder = folder.with_name(folder.name + "+")
+    folder.mkdir(parents=True)
+    for path in present:
+        path.replace(folder / path.name)
+    return folder
 
 
 def has_records(run_dir: Path) -> bool:
