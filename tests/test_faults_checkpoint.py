@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from tests.slurm_cluster import Job, LocalSlurm
 from tests.test_checkpoint import fill, tmpfs
-from tests.test_launch import CPU_ALLOCATION, EXTRA, LAUNCH, job_env, slurm  # noqa: F401 - fixture
+from tests.test_launch import CPU_ALLOCATION, EXTRA, LAUNCH, job_env
 from tests.trainer_helpers import DEMO, ROOT, kill_group, records, start, train, wait_for
 from trainer import rundir
 
@@ -126,7 +126,7 @@ def test_disk_filling_mid_epoch_stops_both_ranks_in_one_line_and_a_resubmission_
 # --- through SLURM ---------------------------------------------------------------------------------
 
 
-def submit(slurm: LocalSlurm, run_dir: Path, shards: Path, extra: str) -> Job:  # noqa: F811 - the fixture
+def submit(slurm: LocalSlurm, run_dir: Path, shards: Path, extra: str) -> Job:
     return slurm.sbatch([*CPU_ALLOCATION, str(LAUNCH / "h100_8gpu.sh")],
                         env=job_env(DEMO, run_dir, shards, extra), cwd=ROOT)
 
@@ -134,7 +134,7 @@ def submit(slurm: LocalSlurm, run_dir: Path, shards: Path, extra: str) -> Job:  
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
-def watch(slurm: LocalSlurm, job: Job, marker: str, timeout: float = 300) -> tuple[dict, float | None]:  # noqa: F811
+def watch(slurm: LocalSlurm, job: Job, marker: str, timeout: float = 300) -> tuple[dict, float | None]:
     """Wait for the job to end; also when `marker` first appeared in its log, to the poll's 0.2 s."""
     seen: float | None = None
     deadline = time.monotonic() + timeout
@@ -163,7 +163,7 @@ SMALL, LARGE = "110M", "400M"
 
 
 def test_disk_full_during_a_checkpoint_fails_once_without_requeue_then_resumes(
-        slurm: LocalSlurm, chexpert_shards: Path, tmp_path: Path) -> None:  # noqa: F811
+        slurm: LocalSlurm, chexpert_shards: Path, tmp_path: Path) -> None:
     with tmpfs(tmp_path / "run", SMALL) as run_dir:
         job = submit(slurm, run_dir, chexpert_shards, EXTRA)
         info, detect = watch(slurm, job, FULL)
@@ -197,7 +197,7 @@ def test_disk_full_during_a_checkpoint_fails_once_without_requeue_then_resumes(
 
 
 def test_truncated_newest_checkpoint_resubmission_resumes_from_the_older_one(
-        slurm: LocalSlurm, chexpert_shards: Path, tmp_path: Path) -> None:  # noqa: F811
+        slurm: LocalSlurm, chexpert_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     extra = EXTRA.replace("optim.epochs=3", "optim.epochs=2")
     job = submit(slurm, run_dir, chexpert_shards, extra)

@@ -21,7 +21,7 @@ from shards.manifest import load_manifest
 from shards.pack import PackOptions, pack
 from shards.verify import CHANGED_HINT, check_shard, pack_identity
 from tests.slurm_cluster import LocalSlurm
-from tests.test_launch import CPU_ALLOCATION, LAUNCH, job_env, slurm  # noqa: F401 - slurm: a fixture
+from tests.test_launch import CPU_ALLOCATION, LAUNCH, job_env
 from tests.trainer_helpers import DEMO, ROOT, records, train
 from trainer import rundir
 from trainer.packcheck import agree, my_checks
@@ -261,7 +261,7 @@ def test_resume_on_another_pack_is_refused_and_on_a_copy_continues(
 
 @pytest.mark.slow
 def test_sbatch_changed_shard_at_resume_fails_once_without_requeue(
-        slurm: LocalSlurm, trained: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+        slurm: LocalSlurm, trained: tuple[Path, Path], tmp_path: Path) -> None:
     """The same fault through the launch script a cluster runs (2 gloo ranks on a CPU allocation):
     the job ends FAILED, is not requeued, and its log holds the line from each rank."""
     run_dir = copy_run(trained, tmp_path)

@@ -4,8 +4,9 @@ a user watches it with. Nothing is mocked.
 
 The crash needs no hook in the trainer: the test kills the trial's Ray worker (SIGKILL, as the
 kernel's OOM killer or a segfault would), found by the shard files it has open (its pack is its
-own: the other trial reads another). The trial that always fails trains on a pack whose training shards are
-garbage: the trainer's own data check raises on every attempt.
+own: the other trial reads another). The trial that always fails trains on a pack whose training
+shards were overwritten after packing: the trainer's pack check (sha256 against manifest.json)
+refuses it on every attempt.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.slow
 
 def broken_copy(shards: Path, out: Path) -> Path:
     """The pack with every training shard overwritten by bytes that are no tar: its manifest still
-    checks out, so the sweep's config checks pass and the trial fails only when it reads data."""
+    checks out, so the sweep's config checks pass and the trial fails only when it starts."""
     shutil.copytree(shards, out)
     for shard in out.glob("train-*.tar"):
         shard.write_bytes(b"\x07" * shard.stat().st_size)
@@ -133,7 +134,7 @@ def test_a_killed_trial_resumes_and_a_broken_one_is_reported(chexpert_shards: Pa
     assert process.returncode == 0, stderr[-4000:] + stdout[-2000:]
     assert "2 trials, 0 stopped early by ASHA, 1 failed" in stdout, stdout[-2000:]
     warnings = [line for line in stderr.splitlines() if line.startswith("warning: trial ")]
-    assert len(warnings) == 1 and "no usable training samples" in warnings[0], stderr[-3000:]
+    assert len(warnings) == 1 and "sha256 does not match manifest.json" in warnings[0], stderr[-3000:]
 
     with (sweep_dir / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -141,9 +142,9 @@ def test_a_killed_trial_resumes_and_a_broken_one_is_reported(chexpert_shards: Pa
     good, bad = rows
     assert (good["status"], good["epochs"], good["reason"]) == ("finished", "3", "")
     assert bad["status"] == "error" and bad["val_auroc_macro"] == ""
-    assert bad["reason"].startswith("shards.errors.DataError: no usable training samples in ")
+    assert bad["reason"].startswith(f"shards.errors.DataError: {broken}/train-000000.tar: sha256 does not")
     assert str(broken) in bad["reason"]
-    assert "| error | shards.errors.DataError: no usable" in (sweep_dir / "results.md").read_text()
+    assert "| error | shards.errors.DataError: " in (sweep_dir / "results.md").read_text()
     best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
     assert best["data"]["shards"] == str(chexpert_shards)
 
@@ -151,7 +152,7 @@ def test_a_killed_trial_resumes_and_a_broken_one_is_reported(chexpert_shards: Pa
     bad_tune = tune_folder(sweep_dir, trial_id(Path(bad["run_dir"])))
     text = (bad_tune / "error.txt").read_text()
     assert text.count("Failure # ") == 3
-    assert text.count("no usable training samples") >= 3
+    assert text.count("sha256 does not match manifest.json") >= 3
 
     # The killed trial was retried once and went on from its checkpoint instead of starting over:
     # every epoch and step appears once (a fresh start would log epoch 0 again), ...

@@ -27,6 +27,7 @@ def predict(run: Run, stream: Stream) -> Predictions:
     """Every sample of the split scored once: local predictions gathered from all ranks, by key.
     The forwards are local (no collective), so ranks may hold different numbers of batches."""
     model = eval_model(run)
+    same_buffers(model, run)
     model.eval()
     dtype = next(model.parameters()).dtype
     keys, patients, probs, targets, masks = [], [], [], [], []
@@ -68,6 +69,20 @@ def eval_model(run: Run) -> torch.nn.Module:
     for name, buffer in sharded.named_buffers():
         copy_buffers[name].data.copy_(buffer.data)
     return run.eval_copy
+
+
+def same_buffers(model: torch.nn.Module, run: Run) -> None:
+    """Collective: rank 0's buffers (BatchNorm running statistics) on every rank. DDP broadcasts
+    them at the start of each forward, but the last training forward then updates each rank's own
+    copy from its own batch: without this, each rank would score its share of the split with
+    slightly different statistics, and a run resumed from rank 0's checkpoint would not reproduce
+    the uninterrupted run's evaluation. The model evaluated is then the one the checkpoint and
+    best/ hold."""
+    if run.accelerator.num_processes == 1:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            torch.distributed.broadcast(buffer.data, src=0)
 
 
 def restore_weights(run: Run, weights: dict[str, torch.Tensor]) -> None:
