@@ -22,7 +22,10 @@
 #   GPUS_PER_NODE     ranks per node, one per GPU [8]; 0 = a CPU allocation with 2 processes on gloo
 #   ACCELERATE_CONFIG ddp_bf16 | zero2 | zero3 (launch/accelerate/*.yaml) or a path  [ddp_bf16]
 #   EXTRA_ARGS        trainer overrides, space-separated: "optim.lr=1e-4 model.freeze=head"
-#   MAX_REQUEUES      give up requeueing after this many restarts [20]
+#   MAX_REQUEUES      give up requeueing after this many restarts (preemptions and lost nodes) [20]
+#   COLLECTIVE_TIMEOUT seconds a rank waits for a silent peer before failing: the bound on a hang
+#                     when a node dies or freezes (run.collective_timeout; NCCL's watchdog heartbeat
+#                     is set to it + 60) [120 with GPUS_PER_NODE=0, else 180]
 #   CXR_ROOT, CXR_VENV  the checkout and its venv [found from the submitted script; CXR_ROOT/.venv]
 #
 # Resources: 12 CPUs and 120 GB per GPU feed 8 loader workers per rank; change them on the sbatch
@@ -32,7 +35,13 @@
 # Preemption: 300 s before the time limit SLURM sends SIGUSR1 to the training step; the ranks
 # checkpoint and exit 75, this script sees RUN_DIR/preempted.json, runs `scontrol requeue`, and the
 # requeued job (same id, same RUN_DIR) resumes from the checkpoint, appending to metrics.jsonl and
-# the TensorBoard run. Exit status: 0 finished, 75 preempted (requeued), else the failure's.
+# the TensorBoard run.
+# Failures: a rank whose own work failed (a crash, a bad config, a full disk) fails the job, not
+# requeued. A rank that lost a peer (a node died or froze: its collectives fail within
+# COLLECTIVE_TIMEOUT), or a task ended by a signal, is a lost node, not a bug: requeued like a
+# preemption, resuming from the last complete checkpoint (the ranks say which in
+# RUN_DIR/.failures-*/, trainer/failures.py). Requeues stop after MAX_REQUEUES, with a line saying so.
+# Exit status: 0 finished, 75 requeued (or given up after MAX_REQUEUES), else the failure's.
 # Log: %x-%j.out in the submit directory (appended across requeues).
 set -euo pipefail
 
@@ -53,9 +62,7 @@ export NUM_MACHINES=1 MACHINE_RANK=0
 
 echo "cxrbench: job ${SLURM_JOB_ID:-local} restart ${SLURM_RESTART_COUNT:-0} on $(hostname)"
 echo "cxrbench: CONFIG=$CONFIG RUN_DIR=$RUN_DIR GPUS_PER_NODE=$GPUS_PER_NODE ACCELERATE_CONFIG=$ACCELERATE_CONFIG"
-mkdir -p "$RUN_DIR"
-stamp="$(mktemp "$RUN_DIR/.launch-XXXXXX")"
-trap 'rm -f "$stamp"' EXIT
+cxr_begin_attempt
 
 status=0
 if [[ -n "${SLURM_JOB_ID:-}" ]]; then
@@ -63,4 +70,4 @@ if [[ -n "${SLURM_JOB_ID:-}" ]]; then
 else
     bash "$CXR_ROOT/launch/node.sh" "${CXR_TRAIN_ARGS[@]}" || status=$?
 fi
-cxr_after_training "$status" "$stamp"
+cxr_after_training "$status"

@@ -16,7 +16,7 @@
 # main process = the first node of the allocation (where this script runs) on a port free there.
 #
 # Environment: as launch/h100_8gpu.sh (CONFIG, RUN_DIR, SHARDS, GPUS_PER_NODE, ACCELERATE_CONFIG,
-# EXTRA_ARGS, MAX_REQUEUES, CXR_ROOT, CXR_VENV); RUN_DIR and SHARDS must be on a shared file
+# EXTRA_ARGS, MAX_REQUEUES, COLLECTIVE_TIMEOUT, CXR_ROOT, CXR_VENV); RUN_DIR and SHARDS must be on a shared file
 # system (every node reads the shards; rank 0 writes the run, all ranks write checkpoint shards).
 # The global batch is data.batch_size x GPUS_PER_NODE x nodes x optim.grad_accum: scale optim.lr
 # with it (EXTRA_ARGS) when you change the node count.
@@ -33,6 +33,11 @@
 #
 # Preemption and exit status as launch/h100_8gpu.sh: SIGUSR1 reaches every node's ranks, all
 # agree on the same step, checkpoint, exit 75, and the job is requeued as a whole.
+# A lost node: when every process of one node dies, srun (--kill-on-bad-exit) ends the other
+# nodes' tasks at once; when a node freezes, the others' collectives fail after COLLECTIVE_TIMEOUT
+# and srun ends the rest. Either way the job is requeued (at most MAX_REQUEUES times) and resumes
+# from the last complete checkpoint; what was trained since it is lost (run.checkpoint_every bounds
+# it). A node that SLURM itself sees fail (slurmd silent) ends as NODE_FAIL and --requeue requeues it.
 # On CPU nodes (GPUS_PER_NODE=0) each node runs 2 processes on gloo. The tests run two machine
 # ranks on one host: sbatch --nodes=1 --ntasks-per-node=2 --gres=none ... launch/multinode.sh
 set -euo pipefail
@@ -55,9 +60,7 @@ unset NUM_MACHINES MACHINE_RANK  # from srun: SLURM_NTASKS, SLURM_PROCID
 
 echo "cxrbench: job ${SLURM_JOB_ID:-local} restart ${SLURM_RESTART_COUNT:-0} on $(hostname)"
 echo "cxrbench: CONFIG=$CONFIG RUN_DIR=$RUN_DIR GPUS_PER_NODE=$GPUS_PER_NODE ACCELERATE_CONFIG=$ACCELERATE_CONFIG"
-mkdir -p "$RUN_DIR"
-stamp="$(mktemp "$RUN_DIR/.launch-XXXXXX")"
-trap 'rm -f "$stamp"' EXIT
+cxr_begin_attempt
 
 status=0
 if [[ -n "${SLURM_JOB_ID:-}" ]]; then
@@ -66,4 +69,4 @@ if [[ -n "${SLURM_JOB_ID:-}" ]]; then
 else
     cxr_die "launch/multinode.sh runs under sbatch; for one node use launch/h100_8gpu.sh"
 fi
-cxr_after_training "$status" "$stamp"
+cxr_after_training "$status"

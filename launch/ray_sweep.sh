@@ -27,11 +27,15 @@
 #   GPUS_PER_NODE  GPUs Ray may hand to trials per node [8]; 0 on a CPU allocation
 #   EXTRA_ARGS     trainer overrides for every trial, e.g. "data.shards=data/shards/chexpert"
 #   RAY_PORT       the head's GCS port                              [a free port on the head]
+#   DASHBOARD      1: the Ray dashboard on the head node's 127.0.0.1:8265 only (needs ray[default]);
+#                  the job's token goes to ~/.cxrbench/ray-token-JOBID (mode 600, removed at the
+#                  end). Reach it: ssh -L 8265:127.0.0.1:8265 HEAD (the log names HEAD), then
+#                  http://127.0.0.1:8265 with that token (API: 'Authorization: Bearer TOKEN'). [0]
 #   CXR_ROOT, CXR_VENV  as in launch/h100_8gpu.sh
 # Results: STORAGE/NAME/results.md, results.csv, best.yaml; trials' TensorBoard logs under
-# STORAGE/NAME/trials/. Log: %x-%j.out in the submit directory. The Ray dashboard is off and
-# the cluster takes only clients holding this job's token (RAY_AUTH_MODE=token, a fresh
-# RAY_AUTH_TOKEN per job, passed to the nodes in the job's environment).
+# STORAGE/NAME/trials/. Log: %x-%j.out in the submit directory. The Ray dashboard is off unless
+# DASHBOARD=1, and the cluster takes only clients holding this job's token (RAY_AUTH_MODE=token, a
+# fresh RAY_AUTH_TOKEN per job, passed to the nodes in the job's environment).
 set -euo pipefail
 
 # sbatch runs a copy of this file from its spool: find the checkout from the submitted path.
@@ -67,23 +71,39 @@ export RAY_AIR_NEW_OUTPUT=0 RAY_DEDUP_LOGS=1 RAY_USAGE_STATS_ENABLED=0
 RAY_AUTH_TOKEN="$("$CXR_PYTHON" -c 'import secrets; print(secrets.token_hex(32))')"
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN
 
+dashboard=(--include-dashboard=false)
+token_file=""
+if [[ "${DASHBOARD:-0}" == "1" ]]; then
+    "$CXR_PYTHON" -c 'import ray.dashboard.optional_deps' 2>/dev/null \
+        || cxr_die "DASHBOARD=1 needs ray[default]: bash launch/setup_env.sh dashboard"
+    # Loopback only: reached through an ssh tunnel, never from the cluster network.
+    dashboard=(--include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port=8265)
+    token_file="$HOME/.cxrbench/ray-token-$SLURM_JOB_ID"
+    (umask 077 && mkdir -p "$(dirname "$token_file")" && printf '%s\n' "$RAY_AUTH_TOKEN" >"$token_file")
+fi
+
 steps=()
 # shellcheck disable=SC2329  # called by the EXIT trap
 stop_ray() {
     for pid in "${steps[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    [[ -z "$token_file" ]] || rm -f "$token_file"
 }
 trap stop_ray EXIT
 
 echo "cxrbench: $kind $name ($space) on $SLURM_JOB_NODELIST; Ray head $head_ip:$port"
 srun --nodes=1 --ntasks=1 --relative=0 --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
     "$ray" start --head --block --node-ip-address="$head_ip" --port="$port" --num-cpus="$cpus" \
-    --num-gpus="$gpus" --include-dashboard=false --object-store-memory="$store_bytes" &
+    --num-gpus="$gpus" "${dashboard[@]}" --object-store-memory="$store_bytes" &
 steps+=("$!")
 until "$ray" status --address="$head_ip:$port" >/dev/null 2>&1; do
     kill -0 "${steps[0]}" 2>/dev/null || cxr_die "the Ray head did not start (see the log above)"
     sleep 2
 done
+if [[ -n "$token_file" ]]; then
+    echo "cxrbench: Ray dashboard on $(hostname) at 127.0.0.1:8265 only: ssh -L 8265:127.0.0.1:8265 $(hostname)," \
+        "then http://127.0.0.1:8265; token in $token_file (removed when the job ends)"
+fi
 workers=$(( ${SLURM_NNODES:-1} - 1 ))
 if [[ "$workers" -gt 0 ]]; then
     srun --nodes="$workers" --ntasks="$workers" --relative=1 --cpus-per-task="$cpus" \

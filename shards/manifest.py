@@ -25,6 +25,10 @@ pos_weight reads them."""
 class ShardInfo:
     path: Path
     samples: int
+    bytes: int | None = None
+    """The size the pack wrote (None in packs that did not record it)."""
+    sha256: str | None = None
+    """The checksum the pack wrote (None in packs that did not record it): shards/verify.py."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ class Manifest:
         if split not in self.data["splits"]:
             raise DataError(f"{self.root / MANIFEST}: no split {split!r} "
                             f"(have {', '.join(self.data['splits'])})")
-        shards = [ShardInfo(self.root / s["name"], int(s["samples"]))
+        shards = [ShardInfo(self.root / s["name"], int(s["samples"]),
+                            int(s["bytes"]) if s.get("bytes") is not None else None, s.get("sha256"))
                   for s in self.data["splits"][split]["shards"]]
         if not shards:
             raise DataError(f"{self.root / MANIFEST}: split {split!r} has no shards")
@@ -71,6 +76,10 @@ def load_manifest(shards_dir: Path) -> Manifest:
         for split in data["splits"].values():
             for shard in split["shards"]:
                 _ = shard["name"], int(shard["samples"])
+                if shard.get("bytes") is not None:
+                    int(shard["bytes"])
+                if shard.get("sha256") is not None and not isinstance(shard["sha256"], str):
+                    raise TypeError(f"{shard['name']}: sha256 is not a string")
         _ = data["label_names"], data["image"]["format"]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise DataError(f"{path}: malformed manifest ({type(err).__name__}: {err})") from None

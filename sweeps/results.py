@@ -1,7 +1,8 @@
 """A finished (or interrupted) sweep → results.csv, results.md (sorted by the metric) and best.yaml.
 
 Read from the trials' own run directories (config.yaml, metrics.jsonl), not from Ray's state, so
-the table is the same whether Tune finished, was restored, or is read again later.
+the table is the same whether Tune finished, was restored, or is read again later. Only which
+trials failed for good (Tune's ERROR state, sweeps/failures.py) comes from Tune, when it is given.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import csv
 import io
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from shards.atomic import write_text
+from sweeps.failures import TrialError
 from trainer import rundir
 from trainer.metrics import format_metric
 from trainer.rundir import RunDirError
@@ -32,11 +35,16 @@ class TrialRow:
     max_epochs: int
     status: str
     run_dir: Path
+    reason: str = ""
+    """Why an `error` trial failed: the exception line of its last attempt."""
 
 
-def collect(trials_dir: Path, metric: str) -> list[TrialRow]:
+def collect(trials_dir: Path, metric: str, errors: Mapping[str, TrialError] | None = None) -> list[TrialRow]:
     """One row per trial directory (its trial.json: Tune's trial id and the sampled params);
-    trials whose metrics are missing or unreadable are kept with status 'no metrics'."""
+    trials whose metrics are missing or unreadable are kept with status 'no metrics'. `errors`
+    (Tune's failed trials by id) marks those `error` with their reason, after every other row:
+    a trial that crashed for good never wins, whatever it reached before."""
+    errors = errors or {}
     rows = []
     for run_dir in sorted(p for p in trials_dir.iterdir() if p.is_dir()) if trials_dir.is_dir() else []:
         records = rundir.read_records(run_dir, tolerant=True)  # a trial may be writing it now
@@ -58,6 +66,7 @@ def collect(trials_dir: Path, metric: str) -> list[TrialRow]:
             status = "stopped early"
         else:
             status = "finished"
+        error = errors.get(info.get("trial_id", ""))
         rows.append(
             TrialRow(
                 trial=run_dir.name,
@@ -67,11 +76,18 @@ def collect(trials_dir: Path, metric: str) -> list[TrialRow]:
                 best_epoch=best_epoch,
                 epochs=len(val),
                 max_epochs=max_epochs,
-                status=status,
+                status="error" if error else status,
                 run_dir=run_dir,
+                reason=error.reason if error else "",
             )
         )
-    rows.sort(key=lambda row: (row.best is None, -(row.best or 0.0), row.trial))
+    seen = {row.trial_id for row in rows}
+    for error in errors.values():  # failed before it wrote its run directory
+        if error.trial_id not in seen:
+            rows.append(TrialRow(trial=error.trial_id, trial_id=error.trial_id, params=error.params,
+                                 best=None, best_epoch=None, epochs=0, max_epochs=0, status="error",
+                                 run_dir=Path(error.tune_dir), reason=error.reason))
+    rows.sort(key=lambda row: (row.status == "error", row.best is None, -(row.best or 0.0), row.trial))
     return rows
 
 
@@ -93,6 +109,7 @@ def write_tables(rows: list[TrialRow], out: Path, metric: str, times: dict[str, 
         "epochs",
         "max_epochs",
         "status",
+        "reason",
         "seconds",
         "run_dir",
     ]
@@ -112,6 +129,7 @@ def write_tables(rows: list[TrialRow], out: Path, metric: str, times: dict[str, 
             row.epochs,
             row.max_epochs,
             row.status,
+            row.reason,
             "" if seconds is None else f"{seconds:.1f}",
             str(row.run_dir),
         ]
@@ -121,7 +139,8 @@ def write_tables(rows: list[TrialRow], out: Path, metric: str, times: dict[str, 
     lines = [
         f"# Sweep results: {out.name}",
         "",
-        f"Sorted by the best validation {metric} over epochs; `stopped early` = ended by ASHA.",
+        f"Sorted by the best validation {metric} over epochs; `stopped early` = ended by ASHA;",
+        "`error` = failed on every attempt (`--max-failures` retries), listed last, never the best.",
         "The sweep never looks at the test split: train best.yaml for test figures.",
         "",
         "| " + " | ".join(header[:-1]) + " |",
@@ -136,7 +155,7 @@ def write_best(rows: list[TrialRow], out: Path, name: str, search: str = "") -> 
     trial's global batch pinned (`data.global_batch`): on 8 GPUs it trains with the batch, steps and
     effective lr the trial had on one. `run.tuning` records the search it came from."""
     for row in rows:
-        if row.best is None or not (row.run_dir / rundir.CONFIG).is_file():
+        if row.status == "error" or row.best is None or not (row.run_dir / rundir.CONFIG).is_file():
             continue
         tuning = {"trials": len(rows), "search": search, "sweep": name, "trial": row.trial}
         fresh = [f"run.dir=runs/{name}-best", "run.resume=never", "run.test_at_end=true",
@@ -162,5 +181,6 @@ def _param_cell(key: str, value: object) -> object:
 
 
 def _short(cell: object) -> str:
-    """Sampled floats to 3 significant digits in the markdown table (the CSV keeps them whole)."""
-    return f"{cell:.3g}" if isinstance(cell, float) else str(cell)
+    """Sampled floats to 3 significant digits in the markdown table (the CSV keeps them whole); a
+    reason's `|` escaped so it stays one cell."""
+    return f"{cell:.3g}" if isinstance(cell, float) else str(cell).replace("|", "\\|")

@@ -7,20 +7,36 @@ ASHA stopping bad trials early:
 Writes STORAGE/NAME/results.csv, results.md (sorted by the space's metric), best.yaml (a trainer
 config for `trainer/run.py --config`) and trials/<trial>/ (each trial's run directory with its
 TensorBoard logs). `--resume` continues an interrupted sweep (Tuner.restore): finished trials are
-kept, unfinished ones resume from their last checkpoint. Exit status: 0 done, 2 bad space/config.
+kept, unfinished ones resume from their last checkpoint.
+
+A trial that raises or whose worker dies is restarted from its own last checkpoint, up to
+--max-failures times; one that still fails is listed with status `error` and the reason (the
+exception line of its last attempt) in results.csv/md, and the rest of the sweep goes on.
+
+--dashboard (with --address local; needs ray[default]): Ray's dashboard on 127.0.0.1 only, its
+address printed at start. It takes Ray's token (token authentication stays on): `ray
+get-auth-token` prints it (kept in ~/.ray/auth_token, or $RAY_AUTH_TOKEN_PATH / $RAY_AUTH_TOKEN);
+the web page asks for it once, API clients send `Authorization: Bearer <token>`. From another
+machine: ssh -L 8265:127.0.0.1:8265 HOST, then http://127.0.0.1:8265.
+
+Exit status: 0 done, with a best.yaml (also when some trials failed: a `warning:` line names
+each, results.csv has the reason); 1 no trial produced a validation metric; 2 bad space/config.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from shards.errors import DataError
+from sweeps.failures import TrialError, trial_errors
 from sweeps.space import CONFIG_PARAM, Param, SearchSpace, SpaceError, load_space
 from sweeps.trial import ROOT, TrialSetup, run_trial, trial_overrides
 from trainer.config import ConfigError, load_config
@@ -77,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpaceError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.dashboard and (problem := _dashboard_problem(args.address)):
+        print(f"error: --dashboard: {problem}", file=sys.stderr)
+        return 2
     return sweep(space, overrides, out, max_epochs, args)
 
 
@@ -130,6 +149,18 @@ def check_space(space: SearchSpace, overrides: list[str]) -> int:
     return epochs
 
 
+def _dashboard_problem(address: str) -> str:
+    """Why --dashboard cannot work here ('' when it can): checked before Ray starts, where Ray
+    itself would log a traceback and raise."""
+    if address != "local":
+        return f"only with --address local (the cluster at {address} has its own, or none)"
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401, PLC0415 - what Ray imports to decide the same
+    except ImportError as err:
+        return f"needs ray[default] ({err}): bash launch/setup_env.sh dashboard"
+    return ""
+
+
 def _check_storage(out: Path, resume: bool) -> None:
     state = out / "tuner.pkl"
     if resume and not state.exists():
@@ -181,9 +212,9 @@ def sweep(
     times = {
         str(r.metrics["trial_id"]): float(r.metrics.get("time_total_s") or 0.0)
         for r in grid
-        if r.metrics and "trial_id" in r.metrics
+        if r.metrics and "trial_id" in r.metrics and "time_total_s" in r.metrics  # not a trial that never ran
     }
-    return _write_outputs(out, space, times)
+    return _write_outputs(out, space, times, trial_errors(grid))
 
 
 def init_ray(ray, args: argparse.Namespace) -> None:
@@ -198,7 +229,7 @@ def init_ray(ray, args: argparse.Namespace) -> None:
             else {"include_dashboard": False}
         )
         # address="local": always a fresh cluster here, never one left running by someone else.
-        ray.init(
+        context = ray.init(
             address="local",
             num_cpus=os.cpu_count(),
             object_store_memory=256 * 2**20,
@@ -207,8 +238,36 @@ def init_ray(ray, args: argparse.Namespace) -> None:
             logging_level=logging.WARNING,
             **dashboard,
         )
+        keep_token_private()
+        if args.dashboard:
+            print(dashboard_access(context.dashboard_url), flush=True)
     else:
         ray.init(address=args.address, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def keep_token_private() -> None:
+    """Ray 2.60 writes the token it creates for a local cluster to ~/.ray/auth_token readable by
+    everyone (0644); whoever reads it can run code on this Ray as you. Owner-only, as ssh keys."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    with contextlib.suppress(OSError):  # none (auth disabled, or the token in $RAY_AUTH_TOKEN), or not ours
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+
+
+def dashboard_access(url: str) -> str:
+    """How to reach the dashboard safely: the URL (on 127.0.0.1 only), the tunnel from another
+    machine, and where the token is (never the token itself: this goes to logs)."""
+    port = url.rsplit(":", 1)[-1]
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        token = ("warning: RAY_AUTH_MODE=disabled: no token asked, so anyone with a shell on this "
+                 "machine can submit work to this Ray as you")
+    else:
+        where = ("$RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN")
+                 else os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token")
+        token = (f"token: `ray get-auth-token` prints it (from {where}); the page asks for it once, "
+                 "API clients send 'Authorization: Bearer <token>'")
+    return (f"Ray dashboard: http://{url} (this machine only; from another: "
+            f"ssh -L {port}:127.0.0.1:{port} {socket.gethostname()}); {token}")
 
 
 def _tune_config(space: SearchSpace, max_epochs: int, seed: int):
@@ -241,16 +300,20 @@ def _tune_config(space: SearchSpace, max_epochs: int, seed: int):
     )
 
 
-def _write_outputs(out: Path, space: SearchSpace, times: dict[str, float]) -> int:
+def _write_outputs(out: Path, space: SearchSpace, times: dict[str, float],
+                   errors: dict[str, TrialError] | None = None) -> int:
     from sweeps.results import collect, write_best, write_tables  # noqa: PLC0415
 
-    rows = collect(out / "trials", space.metric)
+    rows = collect(out / "trials", space.metric, errors)
     write_tables(rows, out, space.metric, times)
     best = write_best(rows, out, out.name, space.search)
     stopped = sum(r.status == "stopped early" for r in rows)
-    print(
-        f"sweep {out.name}: {len(rows)} trials, {stopped} stopped early by ASHA; table {out / 'results.md'}"
-    )
+    failed = [r for r in rows if r.status == "error"]
+    print(f"sweep {out.name}: {len(rows)} trials, {stopped} stopped early by ASHA, {len(failed)} failed; "
+          f"table {out / 'results.md'}")
+    for row in failed:
+        print(f"warning: trial {row.trial} failed on every attempt: {row.reason} (logs: {row.run_dir})",
+              file=sys.stderr)
     if best is None:
         print("no trial produced a validation metric: no best.yaml", file=sys.stderr)
         return 1

@@ -60,11 +60,12 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     context = tune.get_context()
     run_dir = Path(setup.trials_dir) / context.get_trial_name()
     sampled_base, sampled = trial_overrides(params)
+    # First the trial's identity: a trial that fails from here on still has its row in the results.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "trial.json", {"trial_id": context.get_trial_id(), "params": params})
     # Trials select on val; the test split is for the final run of best.yaml, not for the search.
     overrides = [*setup.overrides, *sampled, f"run.dir={run_dir}", "run.resume=auto", "run.test_at_end=false"]
     cfg = load_config(sampled_base or setup.base, overrides)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "trial.json", {"trial_id": context.get_trial_id(), "params": params})
     _train(cfg, run_dir, setup)
 
 

@@ -21,6 +21,8 @@ from shards.synth import (
     generate_pneumonia,
 )
 
+pytest_plugins = ["tests.slurm_fixtures"]  # the `slurm` and `two_nodes` clusters
+
 SIZE = 96
 """Small images keep the suite fast; every code path is the same at 320 px."""
 

@@ -55,10 +55,11 @@ class Job:
 @dataclass
 class LocalSlurm:
     """`namespaces=0`: this host as the one node, on loopback. `namespaces=N`: N nodes n1..nN,
-    each slurmd in its own network namespace (10.77.0.i on a private bridge, the controller at
-    .254), so a job's tasks on different nodes talk over a real network path with their own
-    addresses (slurmd starts under nsenter, not `ip netns exec`, which remounts /sys and leaves it
-    without cgroups)."""
+    each slurmd in its own network namespace (10.77.S.i on a private bridge, the controller at
+    .254, S from the tag so that two clusters on one machine do not share a subnet), so a job's
+    tasks on different nodes talk over a real network path with their own addresses (slurmd
+    starts under nsenter, not `ip netns exec`, which remounts /sys and leaves it without
+    cgroups)."""
 
     root: Path
     node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
@@ -72,7 +73,11 @@ class LocalSlurm:
         """(node name, address) of every node."""
         if not self.namespaces:
             return [(self.node, "127.0.0.1")]
-        return [(f"n{i}", f"10.77.0.{i}") for i in range(1, self.namespaces + 1)]
+        return [(f"n{i}", f"{self.subnet}.{i}") for i in range(1, self.namespaces + 1)]
+
+    @property
+    def subnet(self) -> str:
+        return f"10.77.{int(self.tag) % 250}"
 
     def _netns(self, i: int) -> str:
         return f"cxr{self.tag}h{i}"
@@ -82,7 +87,7 @@ class LocalSlurm:
         bridge = f"cxr{self.tag}br"
         commands = [
             ["ip", "link", "add", bridge, "type", "bridge"],
-            ["ip", "addr", "add", "10.77.0.254/24", "dev", bridge],
+            ["ip", "addr", "add", f"{self.subnet}.254/24", "dev", bridge],
             ["ip", "link", "set", bridge, "up"],
         ]
         for i in range(1, self.namespaces + 1):
@@ -92,7 +97,7 @@ class LocalSlurm:
                 ["ip", "link", "add", host_end, "type", "veth", "peer", "name", ns_end],
                 ["ip", "link", "set", ns_end, "netns", ns],
                 ["ip", "link", "set", host_end, "master", bridge, "up"],
-                ["ip", "-n", ns, "addr", "add", f"10.77.0.{i}/24", "dev", ns_end],
+                ["ip", "-n", ns, "addr", "add", f"{self.subnet}.{i}/24", "dev", ns_end],
                 ["ip", "-n", ns, "link", "set", ns_end, "up"],
                 ["ip", "-n", ns, "link", "set", "lo", "up"],
             ]
@@ -122,7 +127,7 @@ class LocalSlurm:
         memory = max(8192, _memory_mb() - 1024)  # the tests ask for --mem=8G
         lines = [
             "ClusterName=cxrbench-test",
-            f"SlurmctldHost={self.node}({'10.77.0.254' if self.namespaces else '127.0.0.1'})",
+            f"SlurmctldHost={self.node}({f'{self.subnet}.254' if self.namespaces else '127.0.0.1'})",
             f"SlurmctldPort={_free_port()}",
             f"SlurmdPort={_free_port()}",
             "SlurmUser=root",

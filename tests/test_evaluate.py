@@ -23,7 +23,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from shards.labels import COMPETITION5, NIH_LABELS
-from tests.trainer_helpers import DEMO_VIT, ROOT
+from tests.trainer_helpers import DEMO, DEMO_VIT, ROOT, train
 from trainer import rundir
 from trainer.config import load_config
 from trainer.evaluate import EvaluateOptions, evaluate_external, main
@@ -169,6 +169,25 @@ def test_on_its_own_pack_it_reproduces_the_trainers_test_predictions(cnn_run: Pa
     np.testing.assert_array_equal(ours.masks, trainers.masks)
     test = next(r for r in rundir.read_records(cnn_run) if r["split"] == "test")
     assert record["auroc_macro"] == pytest.approx(test["auroc_macro"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_validation_scores_the_model_best_holds_on_every_rank(learn_shards: Path, tmp_path: Path) -> None:
+    """Two ranks, one epoch: the val predictions the trainer wrote (each rank scoring its share)
+    are what best/ (rank 0's weights and BatchNorm statistics) scores on one process. Each rank's
+    last training forward updates its own running statistics after DDP's broadcast: scored with
+    those, rank 1's share would differ, and a run resumed from rank 0's checkpoint at an epoch end
+    would not reproduce the uninterrupted run's validation."""
+    run_dir = tmp_path / "run"
+    result = train(DEMO, [f"data.shards={learn_shards}", f"run.dir={run_dir}", "optim.epochs=1",
+                          "run.test_at_end=false", "data.samples_per_epoch=256"], processes=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out, _ = evaluate_external(EvaluateOptions(run_dir, learn_shards, split="val", batch_size=32))
+    ours = rundir.read_predictions(out / "predictions_val.npz")
+    trainers = rundir.read_predictions(rundir.predictions_path(run_dir, "val"))
+    mine, theirs = np.argsort(ours.keys), np.argsort(trainers.keys)
+    assert ours.keys[mine].tolist() == trainers.keys[theirs].tolist()
+    np.testing.assert_allclose(ours.probs[mine], trainers.probs[theirs], atol=1e-5)
 
 
 def test_bad_input_is_one_line_and_writes_nothing(cnn_run: Path, nih_pack: Path, tmp_path: Path,

@@ -29,6 +29,7 @@ from tests.trainer_helpers import (
     DEMO,
     DEMO_VIT,
     ROOT,
+    assert_same_evaluations,
     best_val,
     environment,
     free_port,
@@ -211,15 +212,6 @@ def test_freeze_strategies_train_exactly_the_intended_parameters(
     assert all(set(kept) == state for kept in saved["state"].values()), saved["state"][0].keys()
     group = saved["param_groups"][0]
     assert {"sgd": group.get("nesterov") is True, "lamb": "trust_clip" in group}.get(optimizer, True)
-
-
-def assert_same_evaluations(resumed: Path, straight: Path) -> None:
-    """A resumed run evaluated at the same steps, with the same AUROCs, as the uninterrupted one."""
-    for split in ("val", "test"):
-        expected, got = records(straight, split), records(resumed, split)
-        assert [line["step"] for line in got] == [line["step"] for line in expected]
-        for a, b in zip(got, expected, strict=True):
-            assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-5)
 
 
 def expected_lr(step: int, lr: float, steps_per_epoch: int, epochs: int, warmup_epochs: float,
@@ -493,6 +485,26 @@ def test_deepspeed_zero_with_frozen_layers_trains_saves_and_resumes(chexpert_sha
         checkpoint = next((run_dir / "checkpoints").glob("step-*"))
         ema = load_file(str(checkpoint / "ema.safetensors"))
         assert {str(t.dtype) for t in ema.values() if t.is_floating_point()} == {"torch.float32"}
+    assert_deepspeed_checkpoint_validated(sorted((run_dir / "checkpoints").glob("step-*"))[-1])
+
+
+def assert_deepspeed_checkpoint_validated(checkpoint: Path) -> None:
+    """DeepSpeed's own files (every rank's optimizer shard, .pt) are in the checkpoint's listing, and
+    a shard cut short is found, with the listing and without it (its zip directory is gone)."""
+    from trainer.checkpoint import problem
+
+    listed = json.loads((checkpoint / "complete.json").read_text())["files"]
+    shards = sorted(name for name in listed if name.endswith("optim_states.pt"))
+    assert len(shards) == 2 and "random_states_1.pkl" in listed, listed
+    assert problem(checkpoint) is None
+    shard = checkpoint / shards[1]
+    size = shard.stat().st_size
+    with shard.open("r+b") as handle:
+        handle.truncate(size - 100)
+    assert problem(checkpoint) == f"{shards[1]} is {size - 100} bytes, complete.json says {size}"
+    (checkpoint / "complete.json").unlink()
+    cut = f"{shards[1]}: {size - 100} bytes: a torch file without its end (truncated?)"
+    assert problem(checkpoint) == cut
 
 
 def test_compiled_two_process_run_exports_timm_names_explain_and_report_accept_it(

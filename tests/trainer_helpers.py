@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from trainer import rundir
 
@@ -96,3 +97,12 @@ def records(run_dir: Path, split: str | None = None, running: bool = False) -> l
 
 def best_val(run_dir: Path) -> float:
     return max(line["auroc_macro"] for line in records(run_dir, "val"))
+
+
+def assert_same_evaluations(resumed: Path, straight: Path) -> None:
+    """A resumed run evaluated at the same steps, with the same AUROCs, as the uninterrupted one."""
+    for split in ("val", "test"):
+        expected, got = records(straight, split), records(resumed, split)
+        assert [line["step"] for line in got] == [line["step"] for line in expected]
+        for a, b in zip(got, expected, strict=True):
+            assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-5)

@@ -26,6 +26,10 @@ RESOLVED = "resolved"
 """config.yaml's block of what the launch made of the config (trainer/recipe.py): a record, not a setting."""
 
 
+RESUME_MODES: tuple[str, ...] = ("never", "auto", "restart")
+"""run.resume's words; anything else is a checkpoint directory."""
+
+
 class ConfigError(ValueError):
     """A config mistake, in one line that names the key."""
 
@@ -55,6 +59,11 @@ class DataConfig:
     shuffle_buffer: int = 1000
     warp_on: Literal["worker", "device"] = "worker"
     decode_device: Literal["cpu", "cuda"] = "cpu"
+    verify_shards: Literal["sha256", "size"] = "sha256"
+    """Before training, every shard the run reads must still be the one manifest.json describes, or
+    the run stops with one line naming it (trainer/packcheck.py). sha256: existence, size and
+    checksum, the hashing spread over the ranks (reads the whole pack once per start); size:
+    existence and size only (instant, but misses a shard rewritten to the same size)."""
 
 
 @dataclass
@@ -130,8 +139,16 @@ class RunConfig:
     """Optimizer steps between checkpoints (0: at epoch ends only)."""
     keep_last: int = 2
     resume: str = "never"
-    """never, auto (the latest checkpoint in dir/checkpoints if any), or a checkpoint path."""
+    """never; auto: the newest usable checkpoint in dir/checkpoints (damaged ones are passed over with
+    a warning each; when there are checkpoints and none is usable the run stops, exit 2, rather than
+    start over); restart: the same, but with none usable it trains from scratch here, the earlier
+    attempt's files moved to dir/set-aside/ (never deleted; safe to keep for a requeued job: with a
+    usable checkpoint it resumes); or a checkpoint path."""
     log_every: int = 10
+    collective_timeout: int = 600
+    """Seconds a rank waits in a collective (all-reduce, barrier) for its peers before it fails:
+    how long a run whose node died or froze can hang. The launch scripts set 120 (CPU) / 180 (GPU)
+    through COLLECTIVE_TIMEOUT; the first step of a compiled model must fit in it."""
     signal_check_every: int = 10
     """Optimizer steps between the ranks' agreement on a preemption signal (an all-reduce and a
     host sync: not paid every step). SLURM's warning comes minutes before the kill."""
@@ -278,7 +295,8 @@ def validate(config: Config) -> None:
                 "optim.lr_ref_batch": optim.lr_ref_batch,
                 "data.global_batch": 1 if data.global_batch is None else data.global_batch,
                 "run.keep_last": run.keep_last, "run.log_every": run.log_every,
-                "run.signal_check_every": run.signal_check_every}
+                "run.signal_check_every": run.signal_check_every,
+                "run.collective_timeout": run.collective_timeout}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be ≥ 1, got {value}")
@@ -330,5 +348,6 @@ def check_environment(config: Config) -> None:
 
 
 def _check_resume(run: RunConfig) -> None:
-    if run.resume not in ("never", "auto") and not Path(run.resume).is_dir():
-        raise ConfigError(f"run.resume: {run.resume!r} is neither never, auto nor a checkpoint directory")
+    if run.resume not in RESUME_MODES and not Path(run.resume).is_dir():
+        raise ConfigError(f"run.resume: {run.resume!r} is neither {', '.join(RESUME_MODES)} nor a checkpoint "
+                          "directory")

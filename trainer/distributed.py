@@ -13,6 +13,7 @@ One place says the order that matters on a GPU node:
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -75,8 +76,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
     check_gpus(cfg)
     handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=False)]
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # A lost peer fails every collective after run.collective_timeout instead of torch's default.
+    timeout = datetime.timedelta(seconds=cfg.run.collective_timeout)
     if distributed and (cfg.run.cpu or not torch.cuda.is_available()):
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # DeepSpeed would ask for NCCL
+        # gloo said explicitly: DeepSpeed would ask for NCCL.
+        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timeout))
+    else:
+        handlers.append(InitProcessGroupKwargs(timeout=timeout))
     accelerator = Accelerator(mixed_precision=cfg.run.precision, cpu=cfg.run.cpu,
                               gradient_accumulation_steps=cfg.optim.grad_accum, kwargs_handlers=handlers)
     plugin = accelerator.state.deepspeed_plugin

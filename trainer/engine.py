@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from trainer import recipe, rundir
-from trainer.build import Run, plain_model, setup
+from trainer import recipe, rundir, storage
+from trainer.build import Run, plain_model, resume_point, setup
 from trainer.config import Config, ConfigError
 from trainer.distributed import make_accelerator, uses_deepspeed
 from trainer.evaluation import evaluate, model_card, restore_weights, summary_line
@@ -106,16 +106,19 @@ def after_optimizer_step(run: Run, window: dict, started: float) -> None:
         if torch.cuda.is_available():
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         run.tracker.log(record)
+        storage.check(accelerator, run.writes, run.checkpointer.stopped_at(state.step))
         window.update(loss=torch.zeros((), device=accelerator.device), batches=0, images=0, wait=0.0)
     if cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0:
         save_checkpoint(run)
     if run.stop.agreed(accelerator, state.step):
         save_checkpoint(run)
         if accelerator.is_main_process:
-            rundir.write_preempted(run.run_dir, state.step, EXIT_REQUEUE)
+            with run.writes.guard(run.run_dir / rundir.PREEMPTED):
+                rundir.write_preempted(run.run_dir, state.step, EXIT_REQUEUE)
         # No rank leaves before the marker exists: the launcher (or srun --kill-on-bad-exit) stops
-        # the others as soon as one exits, and the requeue decision reads the marker.
-        accelerator.wait_for_everyone()
+        # the others as soon as one exits, and the requeue decision reads the marker. Without a
+        # marker (a full disk) the run stops as a failure: not requeued.
+        storage.check(accelerator, run.writes, run.checkpointer.stopped_at(state.step))
         accelerator.print(f"preempted: checkpoint at step {state.step} saved; exiting {EXIT_REQUEUE}")
         raise Preempted
 
@@ -123,7 +126,7 @@ def after_optimizer_step(run: Run, window: dict, started: float) -> None:
 def save_checkpoint(run: Run) -> None:
     run.state.stream = run.train.state_dict()
     extra = {"ema.safetensors": run.ema.state_dict()} if run.ema is not None else None
-    run.checkpointer.save(run.state, extra)
+    run.checkpointer.save(run.state, extra, run.writes)
 
 
 def end_of_epoch(run: Run, report: Report | None) -> None:
@@ -141,8 +144,10 @@ def end_of_epoch(run: Run, report: Report | None) -> None:
             weights = accelerator.get_state_dict(run.model)  # gathers ZeRO-3 shards to rank 0
         else:
             weights = plain_model(run).state_dict()
-        if accelerator.is_main_process:
-            rundir.export_best(run.run_dir, weights, cfg, model_card(run, metrics))
+        if accelerator.is_main_process and not run.writes.skip():
+            # A failed export leaves the previous best/ whole; the checkpoint below stops the run.
+            with run.writes.guard(run.run_dir / rundir.BEST):
+                rundir.export_best(run.run_dir, weights, cfg, model_card(run, metrics))
     save_checkpoint(run)
     accelerator.print(f"epoch {state.epoch}: val {cfg.run.metric}={format_metric(value)} "
                       f"(best {format_metric(state.best_metric)} at step {state.best_step})")
@@ -158,17 +163,28 @@ def train(cfg: Config, report: Report | None = None) -> dict:
         # A fresh run would append to the old run's metrics and TensorBoard files and mix the two.
         # (Checked here, not in load_config: a run's config.yaml must still load back as it is.)
         raise ConfigError(f"run.dir: {cfg.run.dir} already holds a run ({rundir.METRICS}): continue it with "
-                          "run.resume=auto, or choose another run.dir")
+                          "run.resume=auto, start over in place with run.resume=restart, or choose another "
+                          "run.dir")
     accelerator = make_accelerator(cfg)
     resolved = recipe.resolve(cfg, accelerator.num_processes)  # a bad global batch stops here, unwritten
     cfg.data.batch_size = resolved.batch_size
+    start = resume_point(cfg, accelerator)  # unusable checkpoints stop here, unwritten
+    writes = storage.Writes()
     if accelerator.is_main_process:
-        rundir.write_config(run_dir, cfg, resolved.to_dict())
-        rundir.clear_preempted(run_dir)
-    accelerator.wait_for_everyone()
-    run = setup(cfg, accelerator)
+        with writes.guard(run_dir):
+            if cfg.run.resume == "restart" and start is None and (moved := rundir.set_aside(run_dir)):
+                print(f"run.resume=restart: no usable checkpoint; the earlier attempt's files are in "
+                      f"{moved}; training from scratch", flush=True)
+            rundir.write_config(run_dir, cfg, resolved.to_dict())
+            rundir.clear_preempted(run_dir)
+    storage.check(accelerator, writes, "the run did not start: free space, then submit it again")
+    run = setup(cfg, accelerator, start, writes)
     try:
-        return _loop(run, report)
+        storage.check(accelerator, writes, run.checkpointer.stopped_at(run.state.step))
+        result = _loop(run, report)
+        run.tracker.close()
+        storage.check(accelerator, writes, run.checkpointer.stopped_at(run.state.step))
+        return result
     finally:
         run.tracker.close()
 
@@ -190,6 +206,7 @@ def _loop(run: Run, report: Report | None) -> dict:
             run.accelerator.print(f"no best model exported (val {cfg.run.metric} was never defined): "
                                   "testing the last weights")
         result = evaluate(run, "test", card.get("threshold") if run.binary else None)
+        storage.check(run.accelerator, run.writes, run.checkpointer.stopped_at(state.step))
         run.accelerator.print(f"test: {summary_line(result)}")
         return result
     return {"best_metric": state.best_metric, "best_step": state.best_step}

@@ -27,6 +27,7 @@ def predict(run: Run, stream: Stream) -> Predictions:
     """Every sample of the split scored once: local predictions gathered from all ranks, by key.
     The forwards are local (no collective), so ranks may hold different numbers of batches."""
     model = eval_model(run)
+    same_buffers(model, run)
     model.eval()
     dtype = next(model.parameters()).dtype
     keys, patients, probs, targets, masks = [], [], [], [], []
@@ -70,6 +71,20 @@ def eval_model(run: Run) -> torch.nn.Module:
     return run.eval_copy
 
 
+def same_buffers(model: torch.nn.Module, run: Run) -> None:
+    """Collective: rank 0's buffers (BatchNorm running statistics) on every rank. DDP broadcasts
+    them at the start of each forward, but the last training forward then updates each rank's own
+    copy from its own batch: without this, each rank would score its share of the split with
+    slightly different statistics, and a run resumed from rank 0's checkpoint would not reproduce
+    the uninterrupted run's evaluation. The model evaluated is then the one the checkpoint and
+    best/ hold."""
+    if run.accelerator.num_processes == 1:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
 def restore_weights(run: Run, weights: dict[str, torch.Tensor]) -> None:
     """Put exported weights back into the (possibly ZeRO-3-sharded) model, on every rank."""
     target = run.ema.module if run.ema is not None else plain_model(run)
@@ -97,8 +112,10 @@ def evaluate(run: Run, split: str, threshold: float | None = None) -> dict:
               "images_seen": run.state.samples, "train_seconds": round(run.state.train_seconds, 3),
               **metrics}
     run.tracker.log(record)
-    if run.accelerator.is_main_process:
-        rundir.write_predictions(run.run_dir, split, predictions)
+    if run.accelerator.is_main_process and not run.writes.skip():
+        # A failed write is held; the caller's next agreement stops the run.
+        with run.writes.guard(rundir.predictions_path(run.run_dir, split)):
+            rundir.write_predictions(run.run_dir, split, predictions)
     run.tracker.roc_curves(split, run.labels, predictions.probs, predictions.targets, predictions.masks,
                            run.state.step)
     return record

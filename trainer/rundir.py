@@ -7,6 +7,10 @@ Training writes it; sweeps, explain, report and the launch scripts read it. Layo
     predictions_{split}.npz  per-sample keys, patients, labels, probabilities, targets, masks
     best/                    model.safetensors (timm's names, float32), config.yaml, model_card.json
     checkpoints/step-N/      resumable state (trainer/checkpoint.py owns what is inside)
+    pack.json                the pack the checkpoints were trained on: shards (data.shards, absolute),
+                             identity (shards.verify.pack_identity), dataset, shards (count),
+                             samples; written when the run starts from scratch, checked when a
+                             checkpoint is resumed (trainer/packcheck.py)
     preempted.json           present while a preempted run waits to be requeued
     tb/                      TensorBoard event files
     external/<pack>/         best/ scored on another pack (`python -m trainer.evaluate`):
@@ -15,6 +19,9 @@ Training writes it; sweeps, explain, report and the launch scripts read it. Layo
                              holding only the labels the pack shares, under the run's names
     localization/<name>.json heatmaps scored against radiologists' ground truth (trainer.explain
                              --ground-truth): one file per ground-truth file and split
+    set-aside/<UTC time>/    what an earlier attempt left when `run.resume=restart` started over
+                             (its checkpoints, best/, metrics, TensorBoard, predictions, ...),
+                             moved, never deleted; readers skip it
 
 A reader never re-derives what the writer knew: a patient comes from the predictions file, not
 from a key. Every file is written whole or not at all (shards/atomic.py). Problems with a run
@@ -45,10 +52,12 @@ WEIGHTS = "model.safetensors"
 CARD = "model_card.json"
 CHECKPOINTS = "checkpoints"
 PREEMPTED = "preempted.json"
+PACK = "pack.json"
 TENSORBOARD = "tb"
 EXTERNAL = "external"
 EXTERNAL_RECORD = "external.json"
 LOCALIZATION = "localization"
+SET_ASIDE = "set-aside"
 TORCH_WEIGHT_FILES = ("model.pt", "model.pth", "pytorch_model.bin")
 """Accepted in best/ besides model.safetensors (exports from elsewhere), loaded tensors-only."""
 
@@ -370,6 +379,34 @@ def read_external(path: Path) -> External:
     return External(path.name, path, info, records[-1], predictions)
 
 
+# --- pack.json: the pack a run trains on ----------------------------------------------------------
+
+
+def write_pack(run_dir: Path, record: dict) -> None:
+    write_json(run_dir / PACK, record)
+
+
+def read_pack(run_dir: Path) -> dict | None:
+    """pack.json, or None for a run written before runs recorded their pack."""
+    path = run_dir / PACK
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirError(f"{path}: unreadable ({_first_line(err)})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("identity"), str) \
+            or not isinstance(record.get("shards"), str):
+        raise RunDirError(f"{path}: expected an object with shards and identity")
+    return record
+
+
+def run_of_checkpoint(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint belongs to (RUN/checkpoints/step-N → RUN), or None for a
+    checkpoint directory kept outside a run directory."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
+
+
 # --- preemption marker ---------------------------------------------------------------------------
 
 
@@ -379,6 +416,27 @@ def write_preempted(run_dir: Path, step: int, exit_code: int) -> None:
 
 def clear_preempted(run_dir: Path) -> None:
     (run_dir / PREEMPTED).unlink(missing_ok=True)
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move everything a run wrote besides config.yaml into set-aside/<UTC time>/ (main rank), so
+    a run that starts over here neither mixes with nor destroys the earlier attempt. Returns the
+    folder, or None when there was nothing to move. Renames only: no space needed."""
+    import time  # noqa: PLC0415 - only here
+
+    products = [run_dir / name for name in (CHECKPOINTS, BEST, METRICS, TENSORBOARD, EXTERNAL, LOCALIZATION,
+                                            PREEMPTED)]
+    products += sorted(run_dir.glob("predictions_*.npz"))
+    present = [path for path in products if path.exists()]
+    if not present:
+        return None
+    folder = run_dir / SET_ASIDE / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    while folder.exists():
+        folder = folder.with_name(folder.name + "+")
+    folder.mkdir(parents=True)
+    for path in present:
+        path.replace(folder / path.name)
+    return folder
 
 
 def has_records(run_dir: Path) -> bool:

@@ -25,14 +25,13 @@ from tqdm import tqdm
 from shards import __version__
 from shards.atomic import write_json, write_jsonl
 from shards.errors import DataError
-from shards.hashing import patient_unit
+from shards.hashing import patient_unit, sha256_file
 from shards.manifest import FORMAT_VERSION, MANIFEST, REJECTS
 from shards.pack.encode import IMAGE_FORMATS, ImageError, ImageFormat, load_image, load_mask
 from shards.pack.shardio import (
     AtomicShardWriter,
     Journal,
     iter_stale_temps,
-    sha256_file,
     shard_name,
 )
 from shards.pack.sources import Record, Reject, SourceData, read_source

@@ -19,19 +19,10 @@ import webdataset as wds
 from shards.atomic import write_jsonl
 
 JOURNAL = ".pack-journal.jsonl"
-HASH_BLOCK = 1 << 20
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _HashingFile:

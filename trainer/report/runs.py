@@ -123,7 +123,8 @@ def architecture(card: dict, config: Config) -> str:
 def find_runs(roots: list[Path]) -> tuple[list[Path], list[Path]]:
     """(run directories, sweep directories) under the given folders. A run directory has
     config.yaml or metrics.jsonl; a sweep directory has results.csv from sweeps.run. Sweep trials
-    (trained on val only, never tested) feed the sweep figures, not the run tables."""
+    (trained on val only, never tested) feed the sweep figures, not the run tables; what a restarted
+    run set aside (RUN/set-aside/) is part of RUN, not a run."""
     runs: list[Path] = []
     sweeps: list[Path] = []
     for root in roots:
@@ -136,7 +137,8 @@ def find_runs(roots: list[Path]) -> tuple[list[Path], list[Path]]:
         candidates = {p.parent for p in root.rglob(rundir.METRICS)}
         candidates |= {p.parent for p in root.rglob(rundir.CONFIG) if p.parent.name != rundir.BEST}
         runs += sorted(p for p in candidates
-                       if not any(s in p.parents for s in sweeps) and not _external(p))
+                       if not any(s in p.parents for s in sweeps) and not _external(p)
+                       and rundir.SET_ASIDE not in p.relative_to(root).parts)
     return list(dict.fromkeys(runs)), list(dict.fromkeys(sweeps))
 
 
