@@ -4,6 +4,7 @@ real checkpoints, TensorBoard files read back. Nothing is mocked (no GPU here: C
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -408,6 +409,13 @@ def other_labels_inverted_in_val(source: Path, destination: Path) -> Path:
                     body = json.dumps(record).encode()
                     member.size = len(body)
                 tar.addfile(member, io.BytesIO(body))
+    # The copy is a new pack, not a damaged one: its manifest records the rewritten shards' bytes
+    # and sha256 (the trainer checks them before it starts).
+    manifest = json.loads((destination / "manifest.json").read_text())
+    for shard in manifest["splits"]["val"]["shards"]:
+        data = (destination / shard["name"]).read_bytes()
+        shard.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (destination / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return destination
 
 

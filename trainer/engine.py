@@ -106,11 +106,13 @@ def after_optimizer_step(run: Run, window: dict, started: float) -> None:
         if torch.cuda.is_available():
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         run.tracker.log(record)
-        storage.check(accelerator, run.writes, run.checkpointer.stopped_at(state.step))
         window.update(loss=torch.zeros((), device=accelerator.device), batches=0, images=0, wait=0.0)
     if cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0:
         save_checkpoint(run)
-    if run.stop.agreed(accelerator, state.step):
+    requested, failed = run.stop.agreed(accelerator, state.step, run.writes.failure is not None)
+    if failed:  # a metrics or checkpoint write failed on some rank: all stop here, in one line
+        storage.check(accelerator, run.writes, run.checkpointer.stopped_at(state.step))
+    if requested:
         save_checkpoint(run)
         if accelerator.is_main_process:
             with run.writes.guard(run.run_dir / rundir.PREEMPTED):

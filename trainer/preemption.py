@@ -40,12 +40,14 @@ class StopRequest:
         self.requested = True
         log.warning("signal %s: checkpointing at the next step, then exiting %d", signum, EXIT_REQUEUE)
 
-    def agreed(self, accelerator: Accelerator, step: int) -> bool:
-        """True on every rank if any rank was signalled (one tiny all-reduce every `every` steps)."""
+    def agreed(self, accelerator: Accelerator, step: int, failed: bool = False) -> tuple[bool, bool]:
+        """(any rank signalled, any rank's write failed), the same on every rank: one tiny
+        all-reduce every `every` steps carries both flags, so a full disk costs no extra sync."""
         if accelerator.num_processes == 1:
-            return self.requested  # nothing to agree on: no collective, no device sync
+            return self.requested, failed  # nothing to agree on: no collective, no device sync
         if step % self.every:
-            return False
-        flag = torch.tensor([float(self.requested)], device=accelerator.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+            return False, False
+        flags = torch.tensor([float(self.requested), float(failed)], device=accelerator.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        requested, anyone_failed = flags.tolist()
+        return bool(requested), bool(anyone_failed)
