@@ -544,11 +544,16 @@ def test_compiled_two_process_run_exports_timm_names_explain_and_report_accept_i
     assert (tmp_path / "report" / "summary.json").is_file()
 
 
-def test_bf16_ddp_learns_and_exports_float32(learn_shards: Path, tmp_path: Path) -> None:
-    """bf16 autocast on two CPU ranks (32 px: this CPU may emulate bf16, 10-20x slower than float32)."""
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_bf16_learns_and_exports_float32(learn_shards: Path, tmp_path: Path, engine: str) -> None:
+    """bf16 on two CPU ranks (32 px: a CPU without AVX512-BF16/AMX emulates bf16, 10-20x slower than
+    float32): autocast under DDP; under DeepSpeed ZeRO-2 the model itself is cast to bf16 (fp32
+    master weights in the optimizer). Each learns past the bar and exports float32."""
     run_dir = tmp_path / "bf16"
+    config = str(ROOT / "launch" / "accelerate" / "zero2.yaml") if engine == "zero2" else None
     result = train(DEMO, [f"data.shards={learn_shards}", f"run.dir={run_dir}", "optim.epochs=3",
-                          "run.precision=bf16", "data.image_size=32", "run.test_at_end=false"], processes=2)
+                          "run.precision=bf16", "data.image_size=32", "run.test_at_end=false"], processes=2,
+                   accelerate_config=config)
     assert result.returncode == 0, result.stderr[-4000:]
     assert best_val(run_dir) >= BAR
     weights = load_file(str(run_dir / "best" / "model.safetensors"))
